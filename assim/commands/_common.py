@@ -14,4 +14,6 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def add_seed(parser: argparse.ArgumentParser, default: int = 0) -> None:
-    parser.add_argument("--seed", type=int, default=default, help="random seed (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=default, help="random seed (default %(default)s)"
+    )
