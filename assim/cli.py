@@ -13,6 +13,13 @@ from assim.errors import InputError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("assim.commands.demo", "run the end-to-end demo on an embedded default"),
+    "simulate": ("assim.commands.simulate", "simulate l63/l96/kolmogorov to CF netCDF"),
+    "datasets": ("assim.commands.datasets", "list or prepare catalogue datasets"),
+    "train": ("assim.commands.train", "train a world model and write a checkpoint"),
+    "forecast": ("assim.commands.forecast", "ensemble forecast of a world model to CF netCDF"),
+    "cycle": ("assim.commands.cycle", "run a nightly forecast cycle (or catch up missed ones)"),
+    "impute": ("assim.commands.impute", "sample missing values of a gridded field"),
+    "detect": ("assim.commands.detect", "anomaly scores, flags and a map for a gridded field"),
 }
 
 

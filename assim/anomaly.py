@@ -1,0 +1,259 @@
+"""Anomaly scores per grid point and time, and thresholds for a target false-alarm rate.
+
+Inputs are fields ``(T, P)`` over the valid points (see :func:`assim.impute.field_points`)
+and a :class:`~assim.impute.FieldPrior`; scores are ``(T, P)``, larger = more anomalous.
+
+- :func:`evidence_scores` -- the predictive distribution of step ``k`` given step
+  ``k-1`` under the space-time Gaussian prior, ``z_k | z_{k-1} ~ N(m_k, S)`` (the
+  evidence increment ``log p(z_k | z_{k-1})`` of an exact Kalman step), decomposed per
+  point into two-sided Gaussian p-values of (i) the standardised innovation
+  ``(z_k - m_k)_i / sqrt(S_ii)``, (ii) its leave-one-out version given the rest of the
+  field, ``(Q r)_i / sqrt(Q_ii)`` with ``Q = S^{-1}`` (Rasmussen & Williams eq. 5.12),
+  (iii) the leave-block-out Mahalanobis distance of the 3x3 neighbourhood,
+  ``(Qr)_B^T Q_BB^{-1} (Qr)_B ~ chi2_|B|``, and (iv) a *typicality* p-value of the
+  increment ``d = z_k - z_{k-1}``: ``P(|d_i| <= |d_obs|)`` (Nalisnick et al. 2019): a
+  frozen field or a stuck sensor is too likely under the model, not too unlikely.
+  The score is ``-log10`` of the smallest p-value (Bonferroni over the four).
+- :func:`imputation_scores` -- ImDiffusion-style (Chen et al. 2023): hide one of
+  ``n_groups`` interleaved groups of points at a time, impute it from everything else
+  (space-time), score ``|x - mean| / spread`` of the imputed samples.
+- :func:`dte_scores` -- diffusion-time estimate (Livernoche et al. 2024): the posterior
+  over diffusion time ``p(t | x) ∝ N(x; 0, alpha_t^2 Sigma + sigma_t^2 I)`` (analytic for
+  the Gaussian prior, uniform prior on a ``t`` grid); per point the denoising residual
+  at ``t_hat = E[t | x]``, standardised: ``|(C^{-1} x)_i| / sqrt(C^{-1}_ii)`` with
+  ``C = alpha^2 Sigma + sigma^2 I``. The field-level ``t_hat`` is returned too.
+- :func:`threshold_for_far` / :func:`flags` -- the ``1 - far`` quantile of scores on
+  clean data, and the exceedances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from assim.errors import InputError
+from assim.impute import FieldPrior, impute_array
+
+_SQRT2 = math.sqrt(2.0)
+_CLIP = 2.5  # winsorisation of LOO residuals (in sd) inside the block statistic
+
+
+def _two_sided_log10p(zs: Tensor) -> Tensor:
+    """``log10 P(|N(0,1)| >= |z|)`` computed stably (``erfc``, then its asymptotic log)."""
+    a = zs.abs() / _SQRT2
+    p = torch.special.erfc(a)
+    asym = -(a**2) - torch.log(a * math.sqrt(math.pi)).clamp_min(-50)
+    return torch.where(p > 1e-300, p.clamp_min(1e-300).log(), asym) / math.log(10)
+
+
+def _chi2_log10sf(q: Tensor, dof: Tensor) -> Tensor:
+    """``log10 P(chi2_dof >= q)`` (regularised upper incomplete gamma)."""
+    sf = torch.special.gammaincc(dof / 2, q / 2).clamp_min(1e-300)
+    return sf.log10()
+
+
+def grid_neighbours(valid: np.ndarray, periodic_lon: bool = False) -> Tensor:
+    """Indices ``(P, 9)`` of the 3x3 neighbourhood of every valid point (C order), ``-1``
+    where the neighbour is land or outside the grid."""
+    nlat, nlon = valid.shape
+    index = np.full(valid.shape, -1, dtype=np.int64)
+    index[valid] = np.arange(int(valid.sum()))
+    ii, jj = np.nonzero(valid)
+    out = []
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            i, j = ii + di, jj + dj
+            if periodic_lon:
+                j = j % nlon
+            ok = (i >= 0) & (i < nlat) & (j >= 0) & (j < nlon)
+            v = np.full(ii.shape, -1, dtype=np.int64)
+            v[ok] = index[i[ok], j[ok]]
+            out.append(v)
+    return torch.from_numpy(np.stack(out, 1))
+
+
+def predictive(prior: FieldPrior) -> tuple[Tensor, Tensor]:
+    """One-step predictive operator of the prior given a fully observed previous field:
+    ``m_k = G z_{k-1}`` with ``G = U R P_a U^T K^{-1}`` and covariance
+    ``S = U (R P_a R + Lambda (1 - R^2)) U^T + K`` where
+    ``P_a = (Lambda^{-1} + U^T K^{-1} U)^{-1}`` (exact Kalman step for the amplitudes).
+    Returns ``(G (P, P), S (P, P))``."""
+    w = prior.window
+    u, lam, rho, k = w.basis, w.lam, w.rho, w.resid_cov
+    chol = torch.linalg.cholesky(k)
+    if w.rank == 0:
+        return torch.zeros_like(k), k
+    kinv_u = torch.cholesky_solve(u, chol)
+    pa = torch.linalg.inv(torch.diag(1 / lam) + u.T @ kinv_u)
+    gain = (u * rho) @ pa @ kinv_u.T
+    c = rho[:, None] * pa * rho[None, :] + torch.diag(lam * (1 - rho**2))
+    return gain, u @ c @ u.T + k
+
+
+def evidence_scores(
+    prior: FieldPrior, values: Tensor, groups: Tensor, valid: np.ndarray | None = None
+) -> Tensor:
+    """``-log10`` of the smallest p-value of the four statistics of the module docstring,
+    ``(T, P)``. The first step has no predecessor: its innovation is taken against the
+    marginal ``N(0, Sigma)`` and its increment test is skipped. ``valid`` (the grid's
+    valid-point mask) enables the 3x3 block statistic."""
+    z = prior.standardize(values, groups)
+    if not bool(torch.isfinite(z).all()):
+        raise InputError("evidence scores need fully observed fields (impute gaps first)")
+    gain, s = predictive(prior)
+    sig = prior.window.spatial_cov()
+    out = torch.empty_like(z)
+    nb = grid_neighbours(valid, _is_periodic(prior)) if valid is not None else None
+    inc_var = 2 * torch.diagonal(sig) - 2 * prior.window.lag_cov_diag()
+    for first, cov in ((True, sig), (False, s)):
+        ks = [0] if first else list(range(1, z.shape[0]))
+        if not ks:
+            continue
+        r = z[ks] - (0 if first else z[[k - 1 for k in ks]] @ gain.T)
+        q = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        qd = torch.diagonal(q)
+        logs = [_two_sided_log10p(r / torch.diagonal(cov).sqrt())]
+        qr = r @ q
+        logs.append(_two_sided_log10p(qr / qd.sqrt()))
+        if nb is not None:  # winsorised so one outlier does not flag its neighbours
+            qr_w = (qr / qd.sqrt()).clamp(-_CLIP, _CLIP) * qd.sqrt()
+            logs.append(_block_log10p(q, qr_w, nb))
+        if not first:  # marginal standardised anomaly (the innovation's for k = 0)
+            logs.append(_two_sided_log10p(z[ks] / torch.diagonal(sig).sqrt()))
+            d = (z[ks] - z[[k - 1 for k in ks]]).abs()
+            p_small = torch.special.erf(d / (inc_var.sqrt() * _SQRT2)).clamp_min(1e-300)
+            logs.append(p_small.log10())
+        lp = torch.stack(logs).min(0).values + math.log10(len(logs))
+        out[ks] = -lp.clamp_max(0.0)
+    return out
+
+
+def _is_periodic(prior: FieldPrior) -> bool:
+    return float(prior.lon.max() - prior.lon.min()) > 300
+
+
+def _block_log10p(q: Tensor, qr: Tensor, nb: Tensor) -> Tensor:
+    """Leave-block-out chi-square p-values ``(T, P)`` for the 3x3 blocks ``nb`` (P, 9)."""
+    ok = nb >= 0
+    idx = nb.clamp_min(0)
+    qbb = q[idx[:, :, None], idx[:, None, :]]  # (P, 9, 9)
+    m = ok[:, :, None] & ok[:, None, :]
+    eye = torch.eye(9, dtype=q.dtype)
+    qbb = torch.where(m, qbb, eye)  # missing neighbours decouple
+    v = qr[:, idx] * ok  # (T, P, 9)
+    sol = torch.linalg.solve(qbb, v.transpose(0, 1).transpose(1, 2))  # (P, 9, T)
+    maha = (v.transpose(0, 1) * sol.transpose(1, 2)).sum(-1).T  # (T, P)
+    return _chi2_log10sf(maha, ok.sum(1).to(q.dtype))  # block centred at each point
+
+
+def imputation_scores(
+    prior: FieldPrior,
+    values: Tensor,
+    groups: Tensor,
+    n_groups: int = 4,
+    n_samples: int = 32,
+    generator: torch.Generator | None = None,
+    window: int = 12,
+) -> Tensor:
+    """``|x - mean| / sd`` of each point imputed with its group hidden, ``(T, P)``; groups
+    are a seeded random partition of the points, the same at every step."""
+    t, p = values.shape
+    perm = torch.randperm(p, generator=generator)
+    out = torch.full((t, p), float("nan"), dtype=torch.float64)
+    for g in range(n_groups):
+        idx = perm[g::n_groups]
+        masked = values.clone().double()
+        masked[:, idx] = float("nan")
+        smp, mean = impute_array(prior, masked, groups, n_samples, generator, window)
+        sd = smp[:, :, idx].std(0).clamp_min(1e-12)
+        out[:, idx] = (values[:, idx].double() - mean[:, idx]).abs() / sd
+    return out
+
+
+def dte_scores(
+    prior: FieldPrior,
+    values: Tensor,
+    groups: Tensor,
+    schedule=None,
+    n_t: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Diffusion-time estimate: per-point scores ``(T, P)`` and ``t_hat`` ``(T,)``.
+
+    ``schedule`` is a ``models.diffusion`` schedule (default ``CosineVP()``); the noise
+    posterior is evaluated on ``n_t`` times in ``[0, 1]`` from the eigendecomposition of
+    the prior's marginal covariance."""
+    if schedule is None:
+        from models.diffusion.schedules import CosineVP
+
+        schedule = CosineVP()
+    z = prior.standardize(values, groups)
+    lam, v = torch.linalg.eigh(prior.window.spatial_cov())
+    lam = lam.clamp_min(1e-10)
+    ts = torch.linspace(0.0, 1.0, n_t, dtype=torch.float64)
+    a, s = schedule(ts)
+    a, s = a.double(), s.double()
+    c = z @ v  # (T, P)
+    var = a[:, None] ** 2 * lam + s[:, None] ** 2  # (n_t, P)
+    ll = -0.5 * ((c**2)[:, None, :] / var + var.log()).sum(-1)  # (T, n_t)
+    post = torch.softmax(ll, 1)
+    t_hat = post @ ts
+    a_h, s_h = schedule(t_hat)
+    var_h = a_h.double()[:, None] ** 2 * lam + s_h.double()[:, None] ** 2  # (T, P)
+    cinv_x = (c / var_h) @ v.T
+    cinv_diag = (v**2 @ (1 / var_h).T).T  # (T, P)
+    return cinv_x.abs() / cinv_diag.sqrt(), t_hat
+
+
+def threshold_for_far(clean_scores: Tensor, far: float = 0.01) -> float:
+    """The ``1 - far`` quantile of scores on clean data (NaN ignored)."""
+    if not 0 < far < 1:
+        raise InputError(f"false-alarm rate must be in (0, 1), got {far}")
+    s = clean_scores[torch.isfinite(clean_scores)]
+    if s.numel() == 0:
+        raise InputError("no finite clean scores to choose a threshold from")
+    return float(torch.quantile(s.double(), 1 - far))
+
+
+def flags(scores: Tensor, threshold: float) -> Tensor:
+    """Boolean exceedances ``scores > threshold``."""
+    return scores > threshold
+
+
+def score_fields(
+    prior: FieldPrior,
+    method: str,
+    values: Tensor,
+    groups: Tensor,
+    valid: np.ndarray | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict]:
+    """Scores ``(T, P)`` of one method (``evidence``, ``imputation`` or ``dte``) and extra
+    per-step outputs (``t_hat`` for DTE)."""
+    if method == "evidence":
+        return evidence_scores(prior, values, groups, valid), {}
+    if method == "imputation":
+        return imputation_scores(prior, values, groups, generator=generator), {}
+    if method == "dte":
+        s, t_hat = dte_scores(prior, values, groups)
+        return s, {"t_hat": t_hat}
+    raise InputError(f"unknown method {method!r}; expected evidence, imputation or dte")
+
+
+def clean_threshold(
+    prior: FieldPrior,
+    method: str,
+    far: float,
+    valid: np.ndarray | None = None,
+    n_steps: int = 48,
+    generator: torch.Generator | None = None,
+) -> float:
+    """Threshold for a target false-alarm rate from ``n_steps`` clean fields drawn from
+    the prior (one space-time window; season index cycling through the groups)."""
+    groups = torch.arange(n_steps) % prior.n_groups
+    z = prior.window.sample(1, n_steps, generator)[0]
+    clean = prior.destandardize(z, groups)
+    scores, _ = score_fields(prior, method, clean, groups, valid, generator)
+    return threshold_for_far(scores, far)

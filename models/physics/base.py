@@ -1,0 +1,62 @@
+"""Shared time stepping for the physical simulators.
+
+Every simulator maps a batch ``x`` of shape ``(N, *S)`` (members first) to a
+batch of the same shape; dtype and device come from ``x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def rk4_step(f: Callable[[Tensor], Tensor], x: Tensor, dt: float) -> Tensor:
+    """One classical fourth-order Runge–Kutta step of ``dx/dt = f(x)``.
+
+    ``x_{k+1} = x_k + dt/6 (k1 + 2 k2 + 2 k3 + k4)`` with the usual stages
+    (Butcher 2008, §23). Shape-preserving: ``(N, *S) -> (N, *S)``.
+    """
+    k1 = f(x)
+    k2 = f(x + 0.5 * dt * k1)
+    k3 = f(x + 0.5 * dt * k2)
+    k4 = f(x + dt * k3)
+    return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+class Simulator:
+    """Base class: subclasses define ``state_shape`` and ``step(x, dt)``."""
+
+    state_shape: tuple[int, ...]
+    default_dt: float
+
+    def step(self, x: Tensor, dt: float) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, x: Tensor) -> None:
+        n = len(self.state_shape)
+        if x.dim() != n + 1 or tuple(x.shape[1:]) != tuple(self.state_shape):
+            raise ValueError(
+                f"{type(self).__name__}: expected a batch of shape (N, "
+                f"{', '.join(map(str, self.state_shape))}), got {tuple(x.shape)}"
+            )
+
+    @torch.no_grad()
+    def integrate(
+        self, x0: Tensor, n_steps: int, dt: float | None = None, spinup: int = 0
+    ) -> Tensor:
+        """Run ``spinup`` discarded steps, then return ``(n_steps, N, *S)``: the
+        states after steps ``1..n_steps`` (the initial state is not included)."""
+        dt = self.default_dt if dt is None else float(dt)
+        if n_steps < 0 or spinup < 0:
+            raise ValueError(f"n_steps and spinup must be >= 0, got {n_steps}, {spinup}")
+        self._check(x0)
+        x = x0
+        for _ in range(spinup):
+            x = self.step(x, dt)
+        out = torch.empty((n_steps, *x0.shape), dtype=x0.dtype, device=x0.device)
+        for k in range(n_steps):
+            x = self.step(x, dt)
+            out[k] = x
+        return out
