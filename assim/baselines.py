@@ -38,7 +38,7 @@ def chordal_distance(lat: Tensor, lon: Tensor, lat2: Tensor | None = None, lon2=
     """Chordal (straight-line) distance in km between two point sets, ``(P, P2)``."""
     a = unit_vectors(lat, lon)
     b = a if lat2 is None else unit_vectors(lat2, lon2)
-    return torch.cdist(a, b) * EARTH_RADIUS_KM
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") * EARTH_RADIUS_KM
 
 
 def matern(d: Tensor, length: float, nu: float = 1.5) -> Tensor:
@@ -119,11 +119,12 @@ class MaternOI:
 
     def cov(self, idx_a: Tensor | None = None, idx_b: Tensor | None = None) -> Tensor:
         """Covariance block between point subsets (indices into ``lat``), float64."""
-        la, oa = (self.lat, self.lon) if idx_a is None else (self.lat[idx_a], self.lon[idx_a])
-        lb, ob = (self.lat, self.lon) if idx_b is None else (self.lat[idx_b], self.lon[idx_b])
-        d = chordal_distance(la, oa, lb, ob)
+        full = torch.arange(self.lat.numel(), device=self.lat.device)
+        ia = full if idx_a is None else idx_a
+        ib = full if idx_b is None else idx_b
+        d = chordal_distance(self.lat[ia], self.lon[ia], self.lat[ib], self.lon[ib])
         c = (1 - self.nugget) * matern(d, self.length, self.nu)
-        c = c + self.nugget * (d < 1e-9).double()
+        c = c + self.nugget * (ia[:, None] == ib[None, :]).double()  # nugget: same point
         return self.scale * c
 
     def predict(self, z: Tensor) -> tuple[Tensor, Tensor]:

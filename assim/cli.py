@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cycle": ("assim.commands.cycle", "run a nightly forecast cycle (or catch up missed ones)"),
     "impute": ("assim.commands.impute", "sample missing values of a gridded field"),
     "detect": ("assim.commands.detect", "anomaly scores, flags and a map for a gridded field"),
+    "observe": ("assim.commands.observe", "draw synthetic observations of a truth file"),
+    "assimilate": ("assim.commands.assimilate", "run a filter over observations to CF netCDF"),
+    "score": ("assim.commands.score", "rmse.a, spread and CRPS of an analysis vs a truth"),
 }
 
 

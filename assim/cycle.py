@@ -26,8 +26,6 @@ Exit codes of ``assim cycle``: 0 done / skipped / forecast-only (warning);
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import platform
@@ -41,7 +39,7 @@ from typing import Any
 import torch
 
 from assim.cycle_config import CycleConfig, cycle_name, parse_cycle_time
-from assim.cycle_files import DataError, fsync_path, sha256
+from assim.cycle_files import DataError, fsync_path, sha256, versions, write_record
 from assim.cycle_store import (
     RECORD,
     CycleLock,
@@ -163,30 +161,6 @@ class CycleResult:
     status: str  # "done" or "skipped"
     cold_start: bool = False
     forecast_only: bool = False
-
-
-@functools.lru_cache(maxsize=1)
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("assim", "torch", "numpy", "xarray", "netCDF4", "matplotlib"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "unknown")
-    return out
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not (v == v and abs(v) != float("inf")):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _cold_start(cfg: CycleConfig, comp: Components, gen: torch.Generator) -> torch.Tensor:
@@ -331,17 +305,14 @@ def _run_one(cfg: CycleConfig, t: datetime, comp: Components) -> CycleResult:
             "ess_min": min(ess) if ess else None,
             "log_evidence_total": sum(diag["log_z"]) if diag["log_z"] else None,
         },
-        "versions": dict(_versions()),
+        "versions": versions(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "started_utc": started.isoformat(timespec="seconds"),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(),
         "host": platform.node(),
     }
-    (tmp / RECORD).write_text(
-        json.dumps(_json_safe(record), indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
-    fsync_path(tmp / RECORD)
+    write_record(tmp / RECORD, record)
     fsync_path(tmp)
     if final.exists():  # an incomplete folder under the final name (not ours): discard
         log.warning("cycle %s: replacing incomplete folder %s", name, final)

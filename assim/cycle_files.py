@@ -9,12 +9,16 @@ each file is ``fsync``-ed before the rename. The netCDF files carry no timestamp
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 import os
+import platform
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +38,9 @@ __all__ = [
     "sha256",
     "spatial_dims",
     "write_netcdf",
+    "versions",
     "write_quicklook",
+    "write_record",
 ]
 
 
@@ -305,6 +311,41 @@ def read_observations(
             )
         out[round(k)] = torch.as_tensor(row, dtype=dtype, device=device)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    import importlib.metadata as md
+
+    out = [("python", platform.python_version())]
+    for name in ("assim", "torch", "numpy", "xarray", "netCDF4", "matplotlib"):
+        try:
+            out.append((name, md.version(name)))
+        except md.PackageNotFoundError:
+            out.append((name, getattr(__import__(name), "__version__", "unknown")))
+    return tuple(out)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape the outputs (run record)."""
+    return dict(_versions())
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not (v == v and abs(v) != float("inf")):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def write_record(path: Path, record: dict) -> None:
+    """The JSON run record (NaN/inf as null), fsync-ed."""
+    text = json.dumps(_json_safe(record), indent=2, sort_keys=True) + "\n"
+    path.write_text(text, encoding="utf-8")
+    fsync_path(path)
 
 
 def write_quicklook(

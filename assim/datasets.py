@@ -82,8 +82,14 @@ def resolve_cache_dir(override: str | os.PathLike | None = None) -> Path:
     return base / "assim"
 
 
+# Bump when the conversion or simulation code changes what a recipe produces, so that
+# cached files made by older code are regenerated.
+FORMAT_VERSION = 1
+
+
 def _recipe_sha(entry: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    blob = json.dumps({"format": FORMAT_VERSION, "recipe": entry}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _stored_sha(path: Path) -> str | None:

@@ -11,8 +11,8 @@ Two priors share one interface ``samples (K, T, P)`` over the ``P`` valid grid p
   prior whose denoiser is closed-form (``GaussianDenoiser``): guided diffusion sampling
   converges to the same posterior, which this path computes directly.
 - a learned diffusion prior (any denoiser + :class:`~models.diffusion.samplers.Sampler`):
-  :func:`assim.impute_diffusion.guided_inpaint` (SMCDiff-style replacement with exact
-  importance weights of the exposed Gaussian kernels; Trippe et al. 2023).
+  :func:`assim.smoother.guided_inpaint` (replacement inpainting through the sampler's
+  exposed Gaussian kernels; approximate).
 
 Observed entries are copied from the input bit for bit. :func:`impute` wraps the
 arrays into an ``xarray.Dataset`` with ``member``, mean and interval bounds.
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology
 from assim.errors import InputError
+from assim.rng import rand
 from assim.smoother import GaussianWindowPrior
 
 
@@ -89,8 +90,15 @@ class FieldPrior:
         if sd.get("kind") != "gaussian_field_prior":
             raise InputError(f"not a Gaussian field prior checkpoint (kind={sd.get('kind')!r})")
         t = {k: sd[k].double() for k in ("lat", "lon", "clim_mean", "clim_std", "basis")}
-        return cls(**t, lam=sd["lam"].double(), rho=sd["rho"].double(), length=sd["length"],
-                   nugget=sd["nugget"], scale=sd["scale"], nu=sd["nu"])  # fmt: skip
+        return cls(
+            **t,
+            lam=sd["lam"].double(),
+            rho=sd["rho"].double(),
+            length=sd["length"],
+            nugget=sd["nugget"],
+            scale=sd["scale"],
+            nu=sd["nu"],
+        )
 
 
 def _ppca_val_loglik(u: Tensor, lam: Tensor, d: Tensor, z: Tensor) -> float:
@@ -180,8 +188,19 @@ def fit_field_prior(
         infl = float((out_var / in_var).clamp(1.0, 3.0))
     else:
         infl = 1.0
-    prior = FieldPrior(lat.double(), lon.double(), mean, std, u, lam, rho,
-                       oi.length, oi.nugget, oi.scale * infl, oi.nu)  # fmt: skip
+    prior = FieldPrior(
+        lat.double(),
+        lon.double(),
+        mean,
+        std,
+        u,
+        lam,
+        rho,
+        oi.length,
+        oi.nugget,
+        oi.scale * infl,
+        oi.nu,
+    )
     if calibrate and t - n_tr >= 1:
         c = holdout_variance_ratio(prior, z, n_tr, generator)
         prior.lam, prior.scale, prior._window = prior.lam * c, prior.scale * c, None
@@ -192,18 +211,21 @@ def holdout_variance_ratio(
     prior: FieldPrior, z: Tensor, n_tr: int, generator: torch.Generator | None = None
 ) -> float:
     """Global variance factor ``c = mean(err^2) / mean(posterior var)`` of imputing 30 %
-    of the points at random and a contiguous band of a sixth of them in the held-out fields ``z[n_tr:]`` with EOFs refitted on ``z[:n_tr]``
+    of the points at random and a contiguous band of a sixth of them in the held-out
+    fields ``z[n_tr:]`` with EOFs refitted on ``z[:n_tr]``
     (same residual). Scaling the whole prior covariance by ``c`` leaves the posterior
     mean of exactly observed data unchanged and calibrates its spread; clamped to
     ``[0.5, 4]``."""
     r = prior.basis.shape[1]
     _, s, vh = torch.linalg.svd(z[:n_tr], full_matrices=False)
     sub = GaussianWindowPrior(
-        vh[:r].T.contiguous(), (s[:r] ** 2 / n_tr).clamp_min(1e-8), prior.rho,
+        vh[:r].T.contiguous(),
+        (s[:r] ** 2 / n_tr).clamp_min(1e-8),
+        prior.rho,
         prior.window.resid_cov,
-    )  # fmt: skip
+    )
     val = z[n_tr:].clone()
-    hid = torch.rand(val.shape, generator=generator, dtype=val.dtype) < 0.3
+    hid = rand(val.shape, generator, device=val.device, dtype=val.dtype) < 0.3
     p = val.shape[1]  # plus a contiguous run of a sixth of the points (a band of rows)
     j0 = int(torch.randint(0, max(1, p - p // 6), (1,), generator=generator))
     hid[:, j0 : j0 + p // 6] = True
@@ -311,8 +333,14 @@ def impute(
     if not bool(torch.isfinite(vals).any()):
         raise InputError(f"variable {da.name!r} is NaN everywhere: nothing to condition on")
     if prior is None:
-        prior = fit_field_prior(vals, groups, torch.from_numpy(lat), torch.from_numpy(lon),
-                                n_groups, generator=generator)  # fmt: skip
+        prior = fit_field_prior(
+            vals,
+            groups,
+            torch.from_numpy(lat),
+            torch.from_numpy(lon),
+            n_groups,
+            generator=generator,
+        )
     elif prior.lat.numel() != lat.size or not np.allclose(prior.lat.numpy(), lat, atol=1e-4):
         raise InputError(
             f"the prior has {prior.lat.numel()} grid points, variable {da.name!r} has {lat.size}"
@@ -331,19 +359,27 @@ def impute(
     name = da.name or "field"
     samples = grid(smp)
     raw = np.asarray(da.values)
-    member = xr.DataArray(np.arange(n), dims="member",
-                          attrs={"standard_name": "realization", "long_name": "sample"})  # fmt: skip
+    member = xr.DataArray(
+        np.arange(n), dims="member", attrs={"standard_name": "realization", "long_name": "sample"}
+    )
     ds = xr.Dataset(
         {
             name: (("member", *dims), samples, dict(da.attrs)),
             f"{name}_mean": (dims, grid(mean), {**da.attrs, "long_name": "posterior mean"}),
             f"{name}_lower": (dims, grid(q[0]), {"long_name": f"{level:.0%} interval lower"}),
             f"{name}_upper": (dims, grid(q[1]), {"long_name": f"{level:.0%} interval upper"}),
-            "imputed": (dims, (~np.isfinite(raw) & valid[None]).astype(np.int8),
-                        {"long_name": "1 where the value was imputed"}),
+            "imputed": (
+                dims,
+                (~np.isfinite(raw) & valid[None]).astype(np.int8),
+                {"long_name": "1 where the value was imputed"},
+            ),
         },
         coords={**{d: da[d] for d in dims}, "member": member},
-        attrs={"Conventions": "CF-1.8", "title": f"imputation of {name}",
-               "prior": "gaussian (EOF + Matern, exact posterior)", "level": level},
-    )  # fmt: skip
+        attrs={
+            "Conventions": "CF-1.8",
+            "title": f"imputation of {name}",
+            "prior": "gaussian (EOF + Matern, exact posterior)",
+            "level": level,
+        },
+    )
     return ds

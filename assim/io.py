@@ -84,6 +84,7 @@ def read_dataset(
     var: str | None = None,
     dims: Sequence[str] | None = None,
     *,
+    units: str | None = None,
     use_cftime: bool | None = None,
 ) -> xr.Dataset:
     """Open, load into memory and validate a netCDF file (see :func:`validate_dataset`).
@@ -105,7 +106,7 @@ def read_dataset(
             f"{path}: cannot read as netCDF ({type(exc).__name__}: {exc}); "
             "expected a readable netCDF-4/3 file"
         ) from exc
-    validate_dataset(ds, var=var, dims=dims, source=str(path))
+    validate_dataset(ds, var=var, dims=dims, units=units, source=str(path))
     return ds
 
 
@@ -114,10 +115,12 @@ def validate_dataset(
     var: str | None = None,
     dims: Sequence[str] | None = None,
     source: str = "dataset",
+    units: str | None = None,
 ) -> None:
     """Check ``ds`` and raise :class:`InputError` starting with ``source``.
 
-    - ``var`` (when given) exists, and has exactly ``dims`` in that order (when given);
+    - ``var`` (when given) exists, and has exactly ``dims`` in that order (when given)
+      and the ``units`` attribute ``units`` (when given);
     - a ``time`` coordinate, if present, is strictly increasing (no duplicates);
     - the checked field (``var``, or every floating data variable) is not all NaN.
     """
@@ -131,6 +134,14 @@ def validate_dataset(
         have = tuple(map(str, ds[var].dims))
         if have != tuple(dims):
             raise InputError(f"{source}: variable {var!r} has dims {have}; expected {tuple(dims)}")
+    if units is not None:
+        if var is None:
+            raise ValueError("validate_dataset: units needs var")
+        have_units = ds[var].attrs.get("units")
+        if have_units != units:
+            raise InputError(
+                f"{source}: variable {var!r} has units {have_units!r}; expected {units!r}"
+            )
     if "time" in ds.variables:
         _check_time(ds["time"].values, source)
     names = [var] if var is not None else [str(v) for v in ds.data_vars]

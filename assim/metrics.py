@@ -53,6 +53,11 @@ def _is_xr(a: Any) -> bool:
     return type(a).__module__.startswith("xarray")
 
 
+def _mdim(member_dim: int | str) -> str:
+    """The xarray member dim name (the tensor default ``0`` means ``"member"``)."""
+    return "member" if member_dim == 0 else str(member_dim)
+
+
 def _t(a: Any) -> Tensor:
     return a if isinstance(a, Tensor) else torch.as_tensor(np.asarray(a))
 
@@ -134,7 +139,7 @@ def crps_ensemble(ens: Any, truth: Any, member_dim: int | str = 0) -> Any:
     """Fair CRPS per element: ``mean_i |x_i - y| - sum_{i,j} |x_i - x_j| / (2 N (N-1))``.
     ``ens`` ``(N, *B)`` (or ``member_dim``), ``truth`` ``(*B)`` -> ``(*B)``."""
     if _is_xr(ens):
-        return _xr_apply(_crps, ens, truth, str(member_dim))
+        return _xr_apply(_crps, ens, truth, _mdim(member_dim))
     ens = _t(ens).movedim(int(member_dim), 0)
     return _crps(ens, _t(truth).to(ens.dtype))
 
@@ -162,7 +167,7 @@ def energy_score(
         ev = list(event_dims)
         ens_s = ens.stack(_event=ev)
         tr_s = truth.stack(_event=ev)
-        return _xr_apply(_es, ens_s, tr_s, str(member_dim), extra_core=["_event"])
+        return _xr_apply(_es, ens_s, tr_s, _mdim(member_dim), extra_core=["_event"])
     ens = _t(ens).movedim(int(member_dim), 0)
     return _es(ens, _t(truth).to(ens.dtype))
 
@@ -171,6 +176,7 @@ def spread_skill(ens: Any, truth: Any, member_dim: int | str = 0) -> float:
     """``sqrt((N+1)/N) * sqrt(mean unbiased member variance) / RMSE(ensemble mean)``
     over all elements: 1 for a calibrated ensemble (Fortin et al. 2014, JHM 15)."""
     if _is_xr(ens):
+        member_dim = _mdim(member_dim)
         n = ens.sizes[member_dim]
         spread2 = float(ens.var(member_dim, ddof=1).mean())
         err2 = float(((ens.mean(member_dim) - truth) ** 2).mean())
@@ -205,7 +211,7 @@ def rank_histogram(
         import xarray as xr
 
         ens, truth = xr.align(ens, truth, join="inner")
-        e = torch.as_tensor(ens.transpose(member_dim, *truth.dims).values)
+        e = torch.as_tensor(ens.transpose(_mdim(member_dim), *truth.dims).values)
         y = torch.as_tensor(truth.values)
     else:
         e = _t(ens).movedim(int(member_dim), 0)
@@ -234,7 +240,7 @@ def coverage(ens: Any, truth: Any, level: float = 0.9, member_dim: int | str = 0
         import xarray as xr
 
         ens, truth = xr.align(ens, truth, join="inner")
-        e = torch.as_tensor(ens.transpose(member_dim, *truth.dims).values)
+        e = torch.as_tensor(ens.transpose(_mdim(member_dim), *truth.dims).values)
         y = torch.as_tensor(truth.values)
     else:
         e, y = _t(ens).movedim(int(member_dim), 0), _t(truth)

@@ -23,7 +23,7 @@ zero-prior-sample path gives the exact posterior mean.
 The same prior is a diffusion oracle: its marginal over one step is
 ``N(0, U diag(lambda) U^T + K)``, whose Tweedie denoiser is closed-form
 (:meth:`GaussianWindowPrior.spatial_cov`). Learned diffusion priors are guided over
-windows by :func:`assim.impute.guided_inpaint`.
+windows by :func:`guided_inpaint`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from assim.errors import InputError
+from assim.rng import randn
 
 
 @dataclass
@@ -58,9 +61,11 @@ class GaussianWindowPrior:
 
     def to(self, device: torch.device | str) -> GaussianWindowPrior:
         return GaussianWindowPrior(
-            self.basis.to(device), self.lam.to(device), self.rho.to(device),
+            self.basis.to(device),
+            self.lam.to(device),
+            self.rho.to(device),
             self.resid_cov.to(device),
-        )  # fmt: skip
+        )
 
     def spatial_cov(self) -> Tensor:
         """Marginal covariance of one step ``U diag(lam) U^T + K`` ``(P, P)``."""
@@ -78,8 +83,10 @@ class GaussianWindowPrior:
         lag = (k[:, None] - k[None, :]).abs()  # (T, T)
         c = self.lam * self.rho[None, None, :] ** lag[..., None]  # (T, T, r)
         eye = torch.eye(self.rank, dtype=self.lam.dtype, device=self.lam.device)
-        return (c[:, :, :, None] * eye).permute(0, 2, 1, 3).reshape(
-            n_steps * self.rank, n_steps * self.rank
+        return (
+            (c[:, :, :, None] * eye)
+            .permute(0, 2, 1, 3)
+            .reshape(n_steps * self.rank, n_steps * self.rank)
         )
 
     def _chol(self, idx: Tensor) -> Tensor:
@@ -95,7 +102,7 @@ class GaussianWindowPrior:
         """Prior draws ``(n, T, P)``: AR(1) amplitudes plus residual ``L_K eps``."""
         dev, dt = self.resid_cov.device, self.resid_cov.dtype
         r, p = self.rank, self.n_points
-        eps = torch.randn(n, n_steps, r + p, generator=generator, dtype=dt).to(dev)
+        eps = randn((n, n_steps, r + p), generator, device=dev, dtype=dt)
         a = torch.empty(n, n_steps, r, dtype=dt, device=dev)
         if r:
             a[:, 0] = self.lam.sqrt() * eps[:, 0, :r]
@@ -178,3 +185,56 @@ def gaussian_conditional(mu: Tensor, cov: Tensor, x: Tensor) -> tuple[Tensor, Te
     out = torch.zeros_like(cov)
     out[im[:, None], im[None, :]] = cov[im][:, im] - gain @ c_mo.T
     return mean, out
+
+
+# ------------------------------------------------------------------ learned diffusion prior
+@torch.no_grad()
+def guided_inpaint(
+    sampler,
+    x: Tensor,
+    n: int,
+    steps: int = 100,
+    generator: torch.Generator | None = None,
+    cond: Tensor | None = None,
+) -> Tensor:
+    """Samples ``(n, *S)`` of the NaN entries of ``x`` ``S`` under a diffusion prior by
+    replacement inpainting (Song et al. 2021, app. I; Lugmayr et al. 2022 without
+    resampling jumps): the observed entries follow one forward-noised path
+    ``y_{t_J}, ..., y_{t_0}`` (drawn from the forward Markov chain starting at ``y``),
+    the missing ones are drawn from the sampler's Gaussian kernel ``p(x_s | x_t)``; the
+    last step returns the Tweedie mean. Observed entries of the result equal ``x``.
+
+    This is an *approximation* of ``p(x_M | x_O)`` (exact when the missing entries are
+    independent of the observed ones). For the default Gaussian prior use
+    :func:`impute_array`, which samples the posterior exactly. An SMCDiff-style
+    reweighting by the DDPM kernel's density of the observed part was tried and made
+    things worse on a Gaussian oracle (the DDPM kernel's variance ignores the
+    uncertainty of ``x_0``), so it is not offered.
+    """
+    obs = torch.isfinite(x)
+    if not bool(obs.any()):
+        raise InputError("nothing is observed: every value is NaN")
+    ts = sampler.timesteps(steps, device=x.device)
+    sched = sampler.schedule
+    y = x[obs]
+
+    def noise(shape):
+        return randn(shape, generator, device=x.device, dtype=x.dtype)
+
+    # forward path of the observations: y_{t_0} from y, then up the forward chain
+    path = [None] * len(ts)
+    a0, s0 = (v.to(x.dtype) for v in sched(ts[-1]))
+    path[-1] = a0 * y + s0 * noise((n, y.numel()))
+    for j in range(len(ts) - 2, -1, -1):
+        (a_s, s_s), (a_t, s_t) = sched(ts[j + 1]), sched(ts[j])
+        ratio = a_t / a_s
+        sd = (s_t**2 - ratio**2 * s_s**2).clamp_min(0).sqrt()
+        path[j] = ratio.to(x.dtype) * path[j + 1] + sd.to(x.dtype) * noise(path[j + 1].shape)
+    xt = sampler.init((n, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    xt[:, obs] = path[0]
+    for j in range(steps - 1):
+        xt = sampler.transition(xt, ts[j], ts[j + 1], cond).sample(generator)
+        xt[:, obs] = path[j + 1]
+    out = sampler.denoiser(xt, ts[steps - 1], cond)
+    out[:, obs] = x[obs]
+    return out

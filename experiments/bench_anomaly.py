@@ -103,8 +103,9 @@ def run_dataset(name, seeds, methods, log):
     la, lo = torch.from_numpy(lat), torch.from_numpy(lon)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
-    prior = fit_field_prior(torch.from_numpy(vals[:n_fit]), g[:n_fit], la, lo, n_groups,
-                            generator=gen)  # fmt: skip
+    prior = fit_field_prior(
+        torch.from_numpy(vals[:n_fit]), g[:n_fit], la, lo, n_groups, generator=gen
+    )
     z_fit = prior.standardize(torch.from_numpy(vals[:n_fit]), g[:n_fit])
     oi = fit_matern_oi(z_fit, la, lo, generator=gen)
     log(f"[{name}] fitted prior (rank {prior.basis.shape[1]}) and OI in {time.time() - t0:.0f}s")
@@ -137,11 +138,23 @@ def run_dataset(name, seeds, methods, log):
             for meth, s in sc.items():
                 s = np.nan_to_num(s.numpy().ravel(), nan=0.0, posinf=1e300)
                 ap, f1 = auprc_f1(s, y)
-                rows.append(dict(dataset=name, type=kind, seed=seed, method=meth,
-                                 auroc=auroc(s, y), auprc=ap, f1=f1, time=tt.get(meth, 0.0)))  # fmt: skip
+                rows.append(
+                    dict(
+                        dataset=name,
+                        type=kind,
+                        seed=seed,
+                        method=meth,
+                        auroc=auroc(s, y),
+                        auprc=ap,
+                        f1=f1,
+                        time=tt.get(meth, 0.0),
+                    )
+                )
                 r = rows[-1]
-                log(f"  {name:17s} {kind:11s} seed={seed} {meth:12s} AUROC={r['auroc']:.3f} "
-                    f"AUPRC={r['auprc']:.3f} F1={r['f1']:.3f} t={r['time']:.1f}s")
+                log(
+                    f"  {name:17s} {kind:11s} seed={seed} {meth:12s} AUROC={r['auroc']:.3f} "
+                    f"AUPRC={r['auprc']:.3f} F1={r['f1']:.3f} t={r['time']:.1f}s"
+                )
             if kind == "drift" and seed == seeds[0] and "evidence" in sc:
                 k = int(np.argmax(lab.sum(1)))
                 panel = (valid, x_test[k], sc["evidence"][k].numpy(), lab[k])
@@ -158,9 +171,12 @@ def save_panel(name, panel) -> None:
 
     valid, field, score, lab = panel
     fig, axes = plt.subplots(3, 1, figsize=(8, 6))
-    for ax, f, title in zip(axes, (field, score, lab.astype(float)),
-                            ("field with drift", "evidence score (-log10 p)", "labels"),
-                            strict=True):  # fmt: skip
+    for ax, f, title in zip(
+        axes,
+        (field, score, lab.astype(float)),
+        ("field with drift", "evidence score (-log10 p)", "labels"),
+        strict=True,
+    ):
         gg = np.full(valid.shape, np.nan)
         gg[valid] = f
         im = ax.imshow(gg, origin="lower", aspect="auto")

@@ -98,8 +98,11 @@ def fair_crps(members: np.ndarray, y: np.ndarray) -> np.ndarray:
 def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
     lo, hi = np.quantile(members, [0.05, 0.95], axis=0)
     cov = np.mean((y >= lo) & (y <= hi)) if members.shape[0] > 1 else np.nan
-    return dict(rmse=float(np.sqrt(np.mean((mean - y) ** 2))),
-                crps=float(fair_crps(members, y).mean()), cov=float(cov))  # fmt: skip
+    return dict(
+        rmse=float(np.sqrt(np.mean((mean - y) ** 2))),
+        crps=float(fair_crps(members, y).mean()),
+        cov=float(cov),
+    )
 
 
 # ----------------------------------------------------------------------------- methods
@@ -122,10 +125,12 @@ def run_dataset(name: str, seeds: list[int], k: int, masks: list[str], log) -> l
     t0 = time.time()
     prior = fit_field_prior(torch.from_numpy(fit), g_fit, la, lo, n_groups, generator=gen)
     t_prior = time.time() - t0
-    log(f"[{name}] T={t} fit={n_fit} P={vals.shape[1]} groups={n_groups} | OI length="
+    log(
+        f"[{name}] T={t} fit={n_fit} P={vals.shape[1]} groups={n_groups} | OI length="
         f"{oi.length:.0f} km nugget={oi.nugget} scale={oi.scale:.2f} ({t_oi:.0f}s) | prior "
         f"rank={prior.basis.shape[1]} rho={prior.rho.numpy().round(2)[:6]} length="
-        f"{prior.length:.0f} nugget={prior.nugget} scale={prior.scale:.2f} ({t_prior:.0f}s)")
+        f"{prior.length:.0f} nugget={prior.nugget} scale={prior.scale:.2f} ({t_prior:.0f}s)"
+    )
     rows, panel = [], None
     cm = (clim_mean[g_test]).numpy()
     cs = clim_std.numpy()
@@ -149,7 +154,7 @@ def run_dataset(name: str, seeds: list[int], k: int, masks: list[str], log) -> l
             # Matérn OI on standardised anomalies, per step
             tt = time.time()
             z = (torch.from_numpy(obs) - clim_mean[g_test]) / clim_std
-            mu, var = zip(*[oi.predict(z[j]) for j in range(test.shape[0])])
+            mu, var = zip(*[oi.predict(z[j]) for j in range(test.shape[0])], strict=True)
             mu = torch.stack(mu).numpy() * cs + cm
             sd = torch.stack(var).sqrt().numpy() * cs
             ens = mu[None] + sd * rng.standard_normal((k, *test.shape))
@@ -163,12 +168,20 @@ def run_dataset(name: str, seeds: list[int], k: int, masks: list[str], log) -> l
             res["EOF+Matérn space-time (ours)"]["time"] = time.time() - tt
             for meth, sc in res.items():
                 rows.append(dict(dataset=name, mask=kind, seed=seed, method=meth, **sc))
-                log(f"  {name:17s} {kind:4s} seed={seed} {meth:30s} crps={sc['crps']:.4f} "
-                    f"rmse={sc['rmse']:.4f} cov={sc['cov']:.3f} t={sc.get('time', 0):.1f}s")
+                log(
+                    f"  {name:17s} {kind:4s} seed={seed} {meth:30s} crps={sc['crps']:.4f} "
+                    f"rmse={sc['rmse']:.4f} cov={sc['cov']:.3f} t={sc.get('time', 0):.1f}s"
+                )
             if kind == "box" and seed == seeds[0]:
                 j = int(np.argmax(hid.sum(1)))
-                panel = (valid, test[j], obs[j], mean.numpy()[j], smp.numpy()[:, j].std(0),
-                         smp.numpy()[0, j])
+                panel = (
+                    valid,
+                    test[j],
+                    obs[j],
+                    mean.numpy()[j],
+                    smp.numpy()[:, j].std(0),
+                    smp.numpy()[0, j],
+                )
     if panel is not None:
         save_panel(name, panel)
     return rows

@@ -44,6 +44,7 @@ SYSTEMS = {
     "l63": dict(sim=lambda: Lorenz63(), dt=0.01, steps=5000, dims=("component",)),
 }
 
+
 def simulate(name: str) -> xr.DataArray:
     """``(trajectory, time, *S)`` training data of ``name`` from its training seed."""
     system = SYSTEMS[name]
@@ -98,13 +99,14 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="training wall time per model")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1-minute run into experiments/results")
+    p.add_argument("--out-dir", default=str(ROOT / "models" / "checkpoints"))
     a = p.parse_args()
     for name in a.which:
         if a.quick:
             out = ROOT / "experiments" / "results" / "lightning_logs" / f"{name}_quick.pt"
             train(name, 1.0, a.threads, out)
         else:
-            train(name, a.minutes, a.threads, ROOT / "models" / "checkpoints" / f"{name}.pt")
+            train(name, a.minutes, a.threads, Path(a.out_dir) / f"{name}.pt")
 
 
 if __name__ == "__main__":

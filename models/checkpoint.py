@@ -10,12 +10,16 @@ Format (a ``dict`` written with :func:`torch.save`, read with ``weights_only=Tru
      "meta": {...}}                   # how it was trained (free-form, plain data)
 
 ``load("physical:l96")`` also returns the true-model world of a simulator, so
-every entry point that takes ``--world CKPT`` accepts the physical baseline too.
+every entry point that takes ``--world CKPT`` accepts the physical baseline too;
+``load("l96")`` / ``load("l63")`` (no such file in the working directory) load the
+small pretrained checkpoints shipped in ``models/checkpoints/`` (package data; made
+by ``experiments/train_checkpoints.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import json
 import os
 import tempfile
@@ -30,7 +34,22 @@ VERSION = 1
 # kind -> "module:Class"; each class has ``from_checkpoint(payload) -> world`` (an nn.Module).
 WORLD_KINDS: dict[str, str] = {
     "conditional": "models.worlds.conditional:Conditional",
+    "dyffusion": "models.worlds.dyffusion:DYffusion",
+    "rolling": "models.worlds.rolling:Rolling",
+    "function_space": "models.worlds.function_space:FunctionSpace",
 }
+
+
+def shipped() -> dict[str, Path]:
+    """The pretrained checkpoints shipped with the package: ``{name: path}``."""
+    folder = importlib.resources.files("models") / "checkpoints"
+    if not folder.is_dir():
+        return {}
+    return {
+        Path(f.name).stem: Path(str(f))
+        for f in folder.iterdir()
+        if f.name.endswith((".pt", ".ckpt"))
+    }
 
 
 def _world_class(kind: str) -> Any:
@@ -67,7 +86,10 @@ def read(path: str | os.PathLike) -> dict:
     """Read and validate a checkpoint payload (on CPU). Raises ``ValueError`` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"world checkpoint {str(path)!r} does not exist")
+        raise ValueError(
+            f"world checkpoint {str(path)!r} does not exist (shipped names: "
+            f"{sorted(shipped())}; or physical:l63|l96|kolmogorov)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -99,6 +121,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> t
 
         world = physical_world(path.split(":", 1)[1])
         return world.to(dev) if hasattr(world, "to") else world
+    if isinstance(path, str) and not Path(path).exists() and path in shipped():
+        path = shipped()[path]
     payload = read(path)
     world = _world_class(payload["kind"]).from_checkpoint(payload)
     world.meta = payload.get("meta", {})

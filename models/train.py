@@ -64,6 +64,7 @@ class TrainConfig:
     normalise: str = "global"  # "global" (one mean/std) or "pointwise"
     backbone: str = "auto"  # resnet1d (1-D ring), unet2d (2-D grid), fno, mlp
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    world_kwargs: dict[str, Any] = field(default_factory=dict)  # kind-specific spec fields
     schedule: str = "edm"
     schedule_kwargs: dict[str, Any] = field(default_factory=dict)
     sigma_data: float = 1.0
@@ -323,6 +324,8 @@ class WorldModule(L.LightningModule):
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         hist, nxt = batch
+        if hasattr(self.world, "training_loss"):  # worlds with their own objective
+            return self.world.training_loss(hist, nxt)
         z0, cond = self.world.encode_pair(hist, nxt)
         return self.world.denoiser.loss(z0, cond)
 
@@ -352,8 +355,10 @@ class WorldModule(L.LightningModule):
 
 def build_world(config: TrainConfig, dm: WindowDataModule) -> torch.nn.Module:
     """A fresh world of ``config.world`` kind for the data of ``dm`` (after ``setup``)."""
-    if config.world != "conditional":
-        raise ValueError(f"train_world supports world='conditional', got {config.world!r}")
+    if config.world != "conditional":  # other kinds: ``from_config`` of the registered class
+        from models.checkpoint import _world_class
+
+        return _world_class(config.world).from_config(config, dm)
     from models.worlds._build import resolve_backbone
     from models.worlds.conditional import Conditional, ConditionalSpec
 
@@ -386,6 +391,10 @@ def fit(
 ) -> tuple[WorldModule, L.Trainer, WindowDataModule]:
     """Seed, build data + world, and run ``Trainer.fit`` (resuming from ``ckpt_path``)."""
     L.seed_everything(config.seed, workers=True, verbose=False)
+    if config.world != "conditional":  # multi-frame kinds set the window length (history)
+        from models.checkpoint import _world_class
+
+        config = _world_class(config.world).prepare_config(config)
     dm = WindowDataModule(config, data)
     dm.setup()
     module = WorldModule(build_world(config, dm), config.lr, config.weight_decay, config.ema_decay)

@@ -12,16 +12,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN.nc", help="netCDF with a (time, lat, lon) field")
     parser.add_argument("--var", required=True, help="name of the field to score")
     parser.add_argument(
-        "--method", choices=("evidence", "imputation", "dte"), default="evidence",
+        "--method",
+        choices=("evidence", "imputation", "dte"),
+        default="evidence",
         help="predictive evidence (default), imputation error, or diffusion-time estimate",
-    )  # fmt: skip
-    parser.add_argument("--prior", default="gaussian",
-                        help="'gaussian' (fit on IN.nc) or a prior checkpoint")  # fmt: skip
+    )
+    parser.add_argument(
+        "--prior", default="gaussian", help="'gaussian' (fit on IN.nc) or a prior checkpoint"
+    )
     parser.add_argument("--mask", default=None, help="variable of IN.nc: 1 = valid grid point")
-    parser.add_argument("--far", type=float, default=0.01,
-                        help="target false-alarm rate per point (default 0.01)")  # fmt: skip
-    parser.add_argument("--clean-steps", type=int, default=48,
-                        help="clean fields drawn from the prior to set the threshold (48)")
+    parser.add_argument(
+        "--far", type=float, default=0.01, help="target false-alarm rate per point (default 0.01)"
+    )
+    parser.add_argument(
+        "--clean-steps",
+        type=int,
+        default=48,
+        help="clean fields drawn from the prior to set the threshold (48)",
+    )
     parser.add_argument("--out", required=True, metavar="SCORES.nc", help="output netCDF")
     parser.add_argument("--png", default=None, help="score/flag map (default: OUT with .png)")
     add_seed(parser)
@@ -55,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     prior = load_prior(args.prior)
     if prior is None:
-        prior = fit_field_prior(vals, groups, torch.from_numpy(lat), torch.from_numpy(lon),
-                                n_groups, generator=gen)  # fmt: skip
+        prior = fit_field_prior(
+            vals, groups, torch.from_numpy(lat), torch.from_numpy(lon), n_groups, generator=gen
+        )
     elif prior.lat.numel() != lat.size:
         raise InputError(f"--prior has {prior.lat.numel()} points, {args.var!r} has {lat.size}")
     groups = groups % prior.n_groups
@@ -73,13 +82,21 @@ def run(args: argparse.Namespace) -> int:
     ds = xr.Dataset(
         {
             "score": (dims, grid(scores), {"long_name": f"anomaly score ({args.method})"}),
-            "flag": (dims, grid(fl, 0, np.int8),
-                     {"long_name": f"score > threshold (target false-alarm rate {args.far})"}),
+            "flag": (
+                dims,
+                grid(fl, 0, np.int8),
+                {"long_name": f"score > threshold (target false-alarm rate {args.far})"},
+            ),
         },
         coords={d: da[d] for d in dims},
-        attrs={"title": f"anomaly scores of {args.var}", "method": args.method,
-               "threshold": thr, "false_alarm_rate": args.far, "source": str(args.input)},
-    )  # fmt: skip
+        attrs={
+            "title": f"anomaly scores of {args.var}",
+            "method": args.method,
+            "threshold": thr,
+            "false_alarm_rate": args.far,
+            "source": str(args.input),
+        },
+    )
     if "t_hat" in extra:
         ds["t_hat"] = (dims[:1], extra["t_hat"].numpy(), {"long_name": "diffusion-time estimate"})
     io.write_dataset(ds, args.out)
@@ -88,9 +105,15 @@ def run(args: argparse.Namespace) -> int:
 
     k = int(scores.nan_to_num(0).amax(1).argmax())
     sc = ds["score"].values
-    field_grid(np.stack([sc[k], ds["flag"].values[k].astype(float), np.nanmax(sc, 0)]), png,
-               titles=[f"score, step {k}", f"flags, step {k}", "max score over time"],
-               ncols=3, suptitle=f"{args.var}: {args.method}", cmap="viridis")  # fmt: skip
-    print(f"{int(fl.sum())} of {fl.numel()} points flagged (threshold {thr:.3g}) -> {args.out}, "
-          f"{png}")  # fmt: skip
+    field_grid(
+        np.stack([sc[k], ds["flag"].values[k].astype(float), np.nanmax(sc, 0)]),
+        png,
+        titles=[f"score, step {k}", f"flags, step {k}", "max score over time"],
+        ncols=3,
+        suptitle=f"{args.var}: {args.method}",
+        cmap="viridis",
+    )
+    print(
+        f"{int(fl.sum())} of {fl.numel()} points flagged (threshold {thr:.3g}) -> {args.out}, {png}"
+    )
     return 0

@@ -65,8 +65,7 @@ def read_field(path: str, var: str, mask_var: str | None):
         mask = ds[name].values
         if mask.shape != da.shape[1:]:
             raise InputError(
-                f"{path}: mask {name!r} has shape {mask.shape}, but {var!r} has grid "
-                f"{da.shape[1:]}"
+                f"{path}: mask {name!r} has shape {mask.shape}, but {var!r} has grid {da.shape[1:]}"
             )
     return da, mask
 
@@ -89,8 +88,14 @@ def run(args: argparse.Namespace) -> int:
         valid, lat, lon = field_points(da, mask)
         groups, n_groups = season_index(da[da.dims[0]])
         vals = torch.from_numpy(np.asarray(da.values)[:, valid].astype(np.float64))
-        prior = fit_field_prior(vals, torch.from_numpy(groups), torch.from_numpy(lat),
-                                torch.from_numpy(lon), n_groups, generator=gen)  # fmt: skip
+        prior = fit_field_prior(
+            vals,
+            torch.from_numpy(groups),
+            torch.from_numpy(lat),
+            torch.from_numpy(lon),
+            n_groups,
+            generator=gen,
+        )
     if args.save_prior:
         torch.save(prior.state_dict(), args.save_prior)
     ds = impute(da, prior, args.samples, args.level, gen, mask, args.window)

@@ -98,13 +98,15 @@ class DiffusionParticleFilter(Filter):
         if not bool(seen.any()):
             return None, None
         full = bool(seen.all())
+        # the cache holds ``obs`` itself, so its ``id`` cannot be reused while cached
         key = (id(obs), None if full else tuple(seen.tolist()), x.shape[1:], x.dtype, x.device)
         if key not in self._spaces:
             sub = obs if full else obs.subset(seen)
-            self._spaces[key] = self._make_space(sub, tuple(x.shape[1:]), x.dtype, x.device)
+            space = self._make_space(sub, tuple(x.shape[1:]), x.dtype, x.device)
+            self._spaces[key] = (obs, space)
             while len(self._spaces) > 8:
                 self._spaces.popitem(last=False)
-        return self._spaces[key], y[seen]
+        return self._spaces[key][1], y[seen]
 
     def _make_space(self, obs: Any, state_shape, dtype, device) -> Any:
         sp = ObsSpace(obs, state_shape, dtype, device)
@@ -139,6 +141,7 @@ class DiffusionParticleFilter(Filter):
         return w["log_w"]
 
     # ------------------------------------------------------------------ the filter
+    @torch.no_grad()  # DPS re-enables autograd for its gradients (twist_gradient)
     def propagate(
         self,
         world: Any,

@@ -109,10 +109,11 @@ def innovations(ensemble: Ensemble, y: Tensor, obs: Any) -> Innovations | None:
         raise InputError(f"ensemble must be (N, *S) with N >= 2, got shape {tuple(x.shape)}")
     lw = ensemble.log_w
     n = x.shape[0]
-    if not torch.allclose(lw, torch.full_like(lw, -math.log(n)), atol=1e-6):
+    if float(lw.max() - lw.min()) > 1e-6:
         raise InputError("ensemble Kalman filters need an equally weighted ensemble")
     y = torch.as_tensor(y).to(device=x.device, dtype=torch.float64).reshape(-1)
-    hx = obs.h(x).to(torch.float64)
+    x64 = x.to(torch.float64)
+    hx = obs.h(x64)
     if hx.dim() != 2 or hx.shape[1] != y.shape[0]:
         raise InputError(
             f"observation y has {y.shape[0]} entries but the operator gives "
@@ -126,7 +127,7 @@ def innovations(ensemble: Ensemble, y: Tensor, obs: Any) -> Innovations | None:
         y, hx = y[seen], hx[:, seen]
     m = y.shape[0]
     W, diagonal, logdet_r = _noise_whitener(obs.noise, m, x.device)
-    x64 = x.reshape(n, -1).to(torch.float64)
+    x64 = x64.reshape(n, -1)
     mu = x64.mean(0)
     ho = hx.mean(0)
     Yw = _whiten(hx - ho, W, diagonal)
@@ -137,27 +138,48 @@ def innovations(ensemble: Ensemble, y: Tensor, obs: Any) -> Innovations | None:
 def transform(Yw: Tensor, dw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Symmetric ETKF transform, batched over leading dims.
 
-    ``Yw`` ``(..., N, m)``, ``dw`` ``(..., m)`` -> ``w`` ``(..., N)``, ``T`` ``(..., N, N)``,
-    ``Pw`` ``(..., N, N)`` and ``s2`` ``(..., N)`` (eigenvalues of ``Yw Yw^T``)."""
-    n = Yw.shape[-2]
-    G = Yw @ Yw.transpose(-1, -2)
-    s2, V = torch.linalg.eigh(G)
-    s2 = s2.clamp_min(0.0)
-    dd = s2 + (n - 1)
-    Pw = (V / dd.unsqueeze(-2)) @ V.transpose(-1, -2)
-    T = (V * torch.sqrt((n - 1) / dd).unsqueeze(-2)) @ V.transpose(-1, -2)
-    w = (Pw @ (Yw @ dw.unsqueeze(-1))).squeeze(-1)
-    return w, T, Pw, s2
+    ``Yw`` ``(..., N, m)``, ``dw`` ``(..., m)`` -> ``w`` ``(..., N)``, ``T`` ``(..., N, N)``
+    and, for the evidence, ``quad = dw^T (I + Yw^T Yw/(N-1))^{-1} dw`` and
+    ``logdet = log det(I + Yw^T Yw/(N-1))`` ``(...)``. With ``a = N - 1``:
+
+    * ``m >= N`` (ensemble space): ``Yw Yw^T = V diag(s2) V^T``,
+      ``w = V diag(1/(s2+a)) V^T Yw dw``, ``T = V diag(sqrt(a/(s2+a))) V^T``;
+    * ``m < N`` (observation space, cheaper): ``Yw^T Yw = U diag(l) U^T``, ``B = Yw U``,
+      ``w = B diag(1/(l+a)) U^T dw`` and ``T = I + B diag(g(l)) B^T`` with
+      ``g(l) = (sqrt(a/(l+a)) - 1)/l = -1/(sqrt(l+a)(sqrt(a)+sqrt(l+a)))``
+      (same matrices: the eigenvectors of ``Yw Yw^T`` with non-zero eigenvalues are the
+      columns of ``B diag(l^{-1/2})``, and ``T`` is the identity on the rest)."""
+    n, m = Yw.shape[-2:]
+    a = float(n - 1)
+    if m < n:
+        lam, U = torch.linalg.eigh(Yw.transpose(-1, -2) @ Yw)
+        lam = lam.clamp_min(0.0)
+        B = Yw @ U
+        c = (U.transpose(-1, -2) @ dw.unsqueeze(-1)).squeeze(-1)
+        w = (B @ (c / (lam + a)).unsqueeze(-1)).squeeze(-1)
+        r = torch.sqrt(lam + a)
+        g = -1.0 / (r * (math.sqrt(a) + r))
+        eye = torch.eye(n, dtype=Yw.dtype, device=Yw.device)
+        T = eye + (B * g.unsqueeze(-2)) @ B.transpose(-1, -2)
+        quad = a * (c * c / (lam + a)).sum(-1)
+    else:
+        s2, V = torch.linalg.eigh(Yw @ Yw.transpose(-1, -2))
+        lam = s2.clamp_min(0.0)
+        dd = lam + a
+        Vt = V.transpose(-1, -2)
+        u = (Yw @ dw.unsqueeze(-1)).squeeze(-1)
+        w = (V @ ((Vt @ u.unsqueeze(-1)).squeeze(-1) / dd).unsqueeze(-1)).squeeze(-1)
+        T = (V * torch.sqrt(a / dd).unsqueeze(-2)) @ Vt
+        quad = (dw * dw).sum(-1) - (u * w).sum(-1)
+    return w, T, quad, torch.log1p(lam / a).sum(-1)
 
 
-def gaussian_log_z(inn: Innovations, Pw: Tensor, s2: Tensor) -> float:
-    """Approximate ``log N(y; mean h, Y^T Y/(N-1) + R)`` from the ETKF eigenpairs
-    (Woodbury for the quadratic form, determinant lemma for ``log det``)."""
-    n, m = inn.Yw.shape
-    u = inn.Yw @ inn.dw
-    quad = inn.dw @ inn.dw - u @ Pw @ u
-    logdet = inn.logdet_r + torch.log1p(s2 / (n - 1)).sum()
-    return float(-0.5 * (m * _LOG_2PI + logdet + quad))
+def gaussian_log_z(inn: Innovations, quad: Tensor, logdet: Tensor) -> float:
+    """Approximate ``log N(y; mean h, Y^T Y/(N-1) + R)`` from :func:`transform`'s
+    ``quad`` and ``logdet`` (Woodbury and the matrix determinant lemma in whitened
+    coordinates, plus ``log det R``)."""
+    m = inn.Yw.shape[1]
+    return float(-0.5 * (m * _LOG_2PI + inn.logdet_r + logdet + quad))
 
 
 class EnsembleKalmanFilter(Filter):
@@ -228,9 +250,9 @@ class ETKF(EnsembleKalmanFilter):
     name = "etkf"
 
     def _update(self, inn: Innovations, generator: torch.Generator | None) -> tuple[Tensor, float]:
-        w, T, Pw, s2 = transform(inn.Yw, inn.dw)
+        w, T, quad, logdet = transform(inn.Yw, inn.dw)
         xa = inn.mu + (w.unsqueeze(-1) + T).T @ inn.A
-        return xa, gaussian_log_z(inn, Pw, s2)
+        return xa, gaussian_log_z(inn, quad, logdet)
 
 
 class EnKF(EnsembleKalmanFilter):
@@ -257,10 +279,14 @@ class EnKF(EnsembleKalmanFilter):
             quad = (n - 1) * (inn.dw @ u)
             logdet = inn.logdet_r + 2.0 * torch.log(torch.diagonal(L)).sum() - m * math.log(n - 1)
             return xa, float(-0.5 * (m * _LOG_2PI + logdet + quad))
-        _, _, Pw, s2 = transform(inn.Yw, inn.dw)
+        s2, V = torch.linalg.eigh(inn.Yw @ inn.Yw.T)
+        dd = s2.clamp_min(0.0) + (n - 1)
+        Pw = (V / dd) @ V.T  # (Yw Yw^T + (N-1) I)^{-1}
         M = Pw @ (inn.Yw @ D.T)  # (N, N): column i = weights of member i's increment
         xa = inn.mu + inn.A + M.T @ inn.A
-        return xa, gaussian_log_z(inn, Pw, s2)
+        u = inn.Yw @ inn.dw
+        quad = inn.dw @ inn.dw - u @ Pw @ u
+        return xa, gaussian_log_z(inn, quad, torch.log1p(s2.clamp_min(0.0) / (n - 1)).sum())
 
 
 _ALIASES = {

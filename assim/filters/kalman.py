@@ -77,9 +77,15 @@ def _f64(name: str, v: Any, device) -> Tensor:
 
 
 def kalman_filter(
-    A: Tensor, b: Tensor | None, Q: Tensor, H: Tensor, R: Tensor,
-    m0: Tensor, P0: Tensor, ys: Tensor,
-) -> KalmanResult:  # fmt: skip
+    A: Tensor,
+    b: Tensor | None,
+    Q: Tensor,
+    H: Tensor,
+    R: Tensor,
+    m0: Tensor,
+    P0: Tensor,
+    ys: Tensor,
+) -> KalmanResult:
     """Filter ``ys`` ``(K, m)`` (NaN allowed) from the prior ``N(m0, P0)`` ``(d,), (d, d)``
     through ``A`` ``(d, d)``, ``b`` ``(d,)`` or None, ``Q`` ``(d, d)``, ``H`` ``(m, d)``,
     ``R`` ``(m, m)``. Returns :class:`KalmanResult` (``x_1..x_K`` given ``y_1..y_k``)."""

@@ -139,8 +139,8 @@ class LETKF(EnsembleKalmanFilter):
 
     def _update(self, inn: Innovations, generator: torch.Generator | None) -> tuple[Tensor, float]:
         xa = self._local(inn)
-        _, _, Pw, s2 = transform(inn.Yw, inn.dw)
-        return xa, gaussian_log_z(inn, Pw, s2)
+        _, _, quad, logdet = transform(inn.Yw, inn.dw)
+        return xa, gaussian_log_z(inn, quad, logdet)
 
     def _local(self, inn: Innovations) -> Tensor:
         """All local analyses ``(N, d)``: the weights of grid point ``j`` come from the

@@ -8,12 +8,14 @@ resamples adaptively when ``ESS < threshold * N``. Weights are carried across cy
 when no resampling happens, so the product of increments stays an unbiased estimate
 of ``p(y_{1:K})``.
 
-Optional regularisation ("jitter", DAPPER's ``reg``; Musso, Oudjane & Le Gland 2001):
-after a resampling, every particle moves by ``N(0, jitter^2 C)`` with ``C`` the
-weighted ensemble covariance before resampling (``jitter_mode="spread"``; full ``C``
-up to 2000 state elements, its diagonal above) or by ``N(0, jitter^2 I)``
-(``"absolute"``). Jitter makes the filter approximate (it widens the posterior);
-it is off by default.
+Optional regularisation ("jitter"; Musso, Oudjane & Le Gland 2001; DAPPER's
+``PartFilt(reg, nuj=True)``): after a resampling, every particle that was drawn more
+than once (``jitter_all=True``: every particle) moves by ``N(0, jitter^2 C)`` with
+``C`` the weighted ensemble covariance before resampling (``jitter_mode="spread"``;
+full ``C`` up to 2000 state elements, its diagonal above) or by ``N(0, jitter^2 I)``
+(``"absolute"``). DAPPER's ``reg=r`` is ``jitter = r * scott_bandwidth(N, d)``.
+Jitter makes the filter approximate (it widens the posterior); it is off by default.
+The resampling trigger is ``ESS < threshold * N`` (DAPPER's ``NER``, up to ``<=``).
 """
 
 from __future__ import annotations
@@ -27,23 +29,37 @@ from torch import Tensor
 from assim.errors import InputError
 from assim.filters.base import Ensemble, Filter
 from assim.rng import randn
-from assim.smc import WeightCollapse, ess, get_resampler, maybe_resample, reweight
+from assim.smc import WeightCollapse, ess, get_resampler, reweight
 
 _FULL_COV_MAX = 2000
+
+
+def scott_bandwidth(n: int, d: int) -> float:
+    """Scott's rule-of-thumb kernel bandwidth ``n^(-1/(d+4))`` (Doucet, de Freitas &
+    Gordon 2001, sec. 12.2.2). DAPPER's ``PartFilt(reg=r)`` is ``jitter = r *
+    scott_bandwidth(N, d)``."""
+    return float(n) ** (-1.0 / (d + 4))
 
 
 def _jitter_noise(
     x: Tensor, log_w: Tensor, n: int, mode: str, generator: torch.Generator | None
 ) -> Tensor:
-    """``(n, *S)`` draws of ``N(0, C)`` (``mode="spread"``, ``C`` the weighted covariance
-    of ``x``) or ``N(0, I)`` (``"absolute"``)."""
+    """``(n, *S)`` draws of ``N(0, C)`` (``mode="spread"``) or ``N(0, I)`` (``"absolute"``).
+
+    ``C`` is the weighted covariance of ``x`` with the unbiasing factor
+    ``1 / (1 - sum w^2)``; when the weights are degenerate (one weight ~ 1) the equally
+    weighted covariance is used instead, so that a collapsed filter still gets jitter.
+    """
     flat = x.reshape(x.shape[0], -1)
     eps = randn((n, flat.shape[1]), generator, device=x.device, dtype=x.dtype)
     if mode == "absolute":
         return eps.reshape(n, *x.shape[1:])
     w = log_w.exp().to(x.dtype)
+    if float(1.0 - w.max()) < 1e-10:
+        w = torch.full_like(w, 1.0 / w.shape[0])
+    ub = 1.0 / (1.0 - (w * w).sum()).clamp_min(1e-12)
     mu = w @ flat
-    anom = (flat - mu) * w.sqrt().unsqueeze(1)
+    anom = (flat - mu) * (ub * w).sqrt().unsqueeze(1)
     if flat.shape[1] <= _FULL_COV_MAX:
         C = (anom.T @ anom).double()
         C = C + 1e-12 * torch.diagonal(C).mean().clamp_min(1e-300) * torch.eye(
@@ -54,6 +70,11 @@ def _jitter_noise(
             return (eps @ L.T.to(x.dtype)).reshape(n, *x.shape[1:])
     std = (anom**2).sum(0).sqrt()
     return (eps * std).reshape(n, *x.shape[1:])
+
+
+def _duplicated(idx: Tensor, n: int) -> Tensor:
+    """Boolean ``(len(idx),)``: true where ``idx[j]`` occurs more than once."""
+    return torch.bincount(idx, minlength=n)[idx] > 1
 
 
 class BootstrapPF(Filter):
@@ -76,6 +97,7 @@ class BootstrapPF(Filter):
         threshold: float = 0.5,
         jitter: float = 0.0,
         jitter_mode: str = "spread",
+        jitter_all: bool = False,
     ) -> None:
         get_resampler(resample)
         if not 0.0 <= threshold:
@@ -86,6 +108,7 @@ class BootstrapPF(Filter):
             raise InputError(f"jitter_mode must be 'spread' or 'absolute', got {jitter_mode!r}")
         self.resample, self.threshold = resample, float(threshold)
         self.jitter, self.jitter_mode = float(jitter), jitter_mode
+        self.jitter_all = bool(jitter_all)
 
     def analysis(
         self,
@@ -117,9 +140,18 @@ class BootstrapPF(Filter):
         # resample now so that they leave the ensemble (0 * NaN would poison means)
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
         threshold = self.threshold if bool(finite.all()) else 1.0
-        x_new, w_new, done = maybe_resample(x, new_log_w, threshold, self.resample, generator)
-        if done and self.jitter > 0:
-            noise = _jitter_noise(x, new_log_w, x_new.shape[0], self.jitter_mode, generator)
-            x_new = x_new + self.jitter * noise
+        n = x.shape[0]
+        done = threshold >= 1 or info["ess"] < threshold * n
+        if not done:
+            return Ensemble(x, new_log_w), {**info, "resampled": False}
+        idx = get_resampler(self.resample)(new_log_w, n, generator).to(x.device)
+        x_new = x[idx]
+        w_new = torch.full_like(new_log_w, -math.log(n))
+        if self.jitter > 0:
+            noise = self.jitter * _jitter_noise(x, new_log_w, n, self.jitter_mode, generator)
+            if not self.jitter_all:  # DAPPER's default (nuj): particles drawn once stay
+                dup = _duplicated(idx, n).reshape(-1, *([1] * (x.dim() - 1)))
+                noise = noise * dup.to(noise.dtype)
+            x_new = x_new + noise
         info["resampled"] = done
         return Ensemble(x_new, w_new), info

@@ -5,16 +5,20 @@ Vorticity form of the forced, damped incompressible Navier–Stokes equations,
     ∂ω/∂t + u·∇ω = ν ∇²ω − α ω + curl F,     ν = 1/Re,
     ∇²ψ = −ω,   u = ∂ψ/∂y,   v = −∂ψ/∂x,     F = (A sin(k_f y), 0),
 
-so ``curl F = ∂F_y/∂x − ∂F_x/∂y = −A k_f cos(k_f y)``. The defaults (Re = 1000,
-k_f = 4, A = 1, linear drag α = 0.1) are the Kolmogorov setup of jax-cfd's
-``simple_turbulence_forcing(forcing_type="kolmogorov")`` used by score-based data
-assimilation (SDA, Rozet & Louppe 2023), here solved directly on a 64² grid.
+so ``curl F = ∂F_y/∂x − ∂F_x/∂y = −A k_f cos(k_f y)`` (the vorticity forcing of
+jax-cfd's spectral ``kolmogorov_forcing_fn``, ``−4 cos(4y)``). The defaults (Re =
+1000, k_f = 4, A = 1, linear drag α = 0.1) are the Kolmogorov setup of jax-cfd used
+by score-based data assimilation (SDA, Rozet & Louppe 2023). SDA simulates on 256²
+and coarsens to 64²; here the equations are solved directly on the 64² grid, which
+under-resolves the smallest scales at Re = 1000 (the dealiased spectrum still decays
+by ~1.5 decades to the cutoff and runs stay bounded).
 
 Discretisation: Fourier pseudo-spectral in space (``torch.fft.rfft2``), the
 nonlinear term evaluated in physical space from fields truncated by the 2/3 rule
 (Orszag 1971), so the Galerkin-truncated advection conserves energy and enstrophy.
 Time: integrating-factor RK4 (Lawson 1967) — the linear part ``L = −ν|k|² − α``
-is integrated exactly, the advection and forcing with classical RK4. The exact
+is integrated exactly, the advection and forcing with classical RK4 (jax-cfd uses
+a Crank–Nicolson/RK4 implicit–explicit scheme for the same split). The exact
 linear propagator makes the unforced Taylor–Green vortex decay as ``e^{−(2ν+α)t}``
 to round-off; the advective CFL limits ``dt`` (see :meth:`Kolmogorov.cfl_dt`).
 

@@ -101,16 +101,19 @@ def test_forecast_only_cycle_is_flagged_and_is_the_free_forecast(tmp_path, caplo
         for r in caplog.records
         if r.levelno == logging.WARNING
     )
+    assert "WARNING" in (log := (cfg.output / "cycle.log").read_text()) and "forecast-only" in log
     folder = cfg.output / "20261102T00"
     rec = _record(folder)
     assert rec["flags"] == {"cold_start": False, "forecast_only": True}
     assert "observations" not in rec["inputs"] and rec["diagnostics"]["ess"] == []
-    # L96 without model noise is deterministic: the analysis is M(M(restart))
+    # no analysis: the "analysis" is two noisy world steps from the restart, with the
+    # cycle's own seed
     world = build_components(cfg).world
-    x = _state(cfg.output / "20261101T00" / "restart.nc")
-    for _ in range(cfg.steps_per_cycle):
-        x = world.step(x)
+    x0 = _state(cfg.output / "20261101T00" / "restart.nc")
+    gen = torch.Generator().manual_seed(cycle_seed(cfg.seed, T0 + DAY))
+    x = world.step(world.step(x0, gen), gen)
     assert torch.equal(_state(folder / "analysis.nc"), x)
+    assert not torch.equal(x, world.deterministic_step(world.deterministic_step(x0)))
     with xr.open_dataset(folder / "analysis.nc") as a:
         assert a.attrs["forecast_only"] == 1
 
@@ -226,3 +229,39 @@ def test_stale_lock_of_a_killed_process_does_not_block(tmp_path):
     holder.wait()
     assert (cfg.output / ".lock").read_text().strip() == str(holder.pid)  # stale content
     assert run_cycle(cfg, T0).status == "done"
+
+
+def test_run_demo_cycles_three_chained_cycles_with_pngs(tmp_path):
+    from assim.cycle_demo import run_demo_cycles
+
+    folders = run_demo_cycles(tmp_path)
+    assert [f.name for f in folders] == ["20261124T00", "20261125T00", "20261126T00"]
+    flags = [_record(f)["flags"] for f in folders]
+    assert flags == [{"cold_start": c, "forecast_only": False} for c in (True, False, False)]
+    for prev, f in zip(folders, folders[1:], strict=False):
+        assert _record(f)["inputs"]["restart"]["sha256"] == sha256(prev / "restart.nc")
+        assert (f / "quicklook.png").stat().st_size > 1000
+
+
+def test_weighted_particle_restart_round_trips(tmp_path):
+    """A bootstrap PF that never resamples carries non-uniform weights from cycle to
+    cycle through restart.nc; replaying a cycle from the restart (x, log_w) with the
+    cycle's seed reproduces its analysis and weights exactly."""
+    path, cfg = write_config(tmp_path, method={"name": "pf", "options": {"threshold": 0.0}})
+    fill_inbox(cfg, 3)
+    catch_up(cfg, T0 + 2 * DAY)
+    t = T0 + 2 * DAY
+    with xr.open_dataset(cfg.output / cycle_name(t - DAY) / "restart.nc") as r:
+        ens = Ensemble(
+            torch.from_numpy(r["state"].values.copy()),
+            torch.from_numpy(r["log_weight"].values.copy()),
+        )
+    assert float(ens.log_w.std()) > 0.1  # genuinely weighted
+    comp = build_components(cfg)
+    ys = read_observations(cfg.observations.path(t), cfg, t, 40)
+    gen = torch.Generator().manual_seed(cycle_seed(cfg.seed, t))
+    for step in (1, 2):
+        ens, _ = comp.filter.cycle(comp.world, ens, ys[step], comp.observation, gen)
+    with xr.open_dataset(cfg.output / cycle_name(t) / "analysis.nc") as a:
+        assert torch.equal(torch.from_numpy(a["state"].values), ens.x)
+        assert torch.equal(torch.from_numpy(a["log_weight"].values), ens.log_w)

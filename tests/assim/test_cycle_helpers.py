@@ -1,8 +1,10 @@
 """Shared helpers of the nightly-cycle tests (no tests here).
 
-The standard test cycle is tiny: Lorenz-96 with 40 variables, 10 members, 2 world
-steps per daily cycle (observations at both), a 2-step forecast, no PNG (one test
-turns it on), so that 30 cycles run in a few seconds.
+The standard test cycle is tiny: Lorenz-96 with 40 variables and model noise, the
+stochastic EnKF with 10 members, 2 world steps per daily cycle (observations at
+both), a 2-step forecast, no PNG (some tests turn it on), so that 30 cycles run in a
+few seconds. World noise and perturbed observations make every output depend on
+the per-cycle seed, so byte-identity checks test the seeding too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def base_config(**overrides: Any) -> dict[str, Any]:
         "retention": 50,
         "output": "out",
         "quicklook": False,
-        "world": {"source": "physical:l96", "options": {"n": 40}},
-        "method": {"name": "etkf", "options": {"inflation": 1.05}},
+        # stochastic world and filter, so that the per-cycle seed matters
+        "world": {"source": "physical:l96", "options": {"n": 40, "noise_std": 0.05}},
+        "method": {"name": "enkf", "options": {"inflation": 1.05}},
         "observations": {
             "inbox": "inbox",
             "pattern": "obs_{cycle:%Y%m%dT%H}.nc",

@@ -78,6 +78,28 @@ def _run(world, filt, obs, ys, x0_fn, R: int, N: int, seed0: int = 100):
     return means, var, log_z
 
 
+def test_effective_transition_of_the_diffusion_world_is_exact():
+    """The oracle behind every test here: ``effective()`` is the chain's transition.
+    Residuals of 200k steps from random states: mean 0 within 4 s.e. (sqrt(Q_ii / n)),
+    covariance within 4 s.e. of a sample covariance (sqrt((Q_ii Q_jj + Q_ij^2) / n))."""
+    d = 3
+    A, b, Q = _model(d, seed=5)
+    world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
+    Ae, be, Qe = world.effective()
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    res = world.step(x, g) - (x @ Ae.T + be)
+    assert bool((res.mean(0).abs() < 4 * (torch.diagonal(Qe) / n).sqrt()).all())
+    se = ((torch.outer(Qe.diagonal(), Qe.diagonal()) + Qe**2) / n).sqrt()
+    assert bool(((torch.cov(res.T) - Qe).abs() < 4 * se).all())
+    # and the chain approaches N(A x + b, Q + q^2 I) as the steps grow
+    fine = DiffusionLinearGaussian(A, b, Q, steps=200, q=0.2).effective()
+    target = Q + 0.04 * torch.eye(d, dtype=F64)
+    assert float((fine[2] - target).abs().max()) < 0.2 * float((Qe - target).abs().max())
+    torch.testing.assert_close(fine[0], A, rtol=0, atol=1e-3)
+
+
 def _within(est: torch.Tensor, exact: torch.Tensor, k: float | None = None) -> None:
     """Every entry of ``mean_r(est)`` within ``k`` s.e. of ``exact``. Default ``k``: 3 s.e.
     for a single entry; for ``n`` entries the Bonferroni bound of a Student-t with
@@ -160,7 +182,6 @@ def test_exact_twists_give_constant_weights():
     assert info_b["ess"] < 0.5 * info["ess"]
 
 
-@pytest.mark.slow
 def test_dpf_arctan_matches_large_bootstrap_reference():
     """Nonlinear operator (arctan), 2-D, one step from N(m0, P0): the reference posterior
     mean/variance and evidence come from 10^6 exact draws of the effective transition

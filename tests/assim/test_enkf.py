@@ -10,7 +10,7 @@ import torch
 
 from assim.errors import InputError
 from assim.filters.base import Ensemble
-from assim.filters.enkf import EnKF, ETKF, make_filter
+from assim.filters.enkf import ETKF, EnKF, make_filter
 from assim.filters.letkf import LETKF, gaspari_cohn, local_taper
 from assim.obs import GaussianNoise, Identity, Linear, Observation, Subset
 
@@ -49,10 +49,14 @@ def _problem(device, d=6, m=4, n=15, full_r=True, seed=0):
 
 
 @pytest.mark.parametrize("full_r", [False, True])
-def test_etkf_equals_kalman_of_sample_moments(device, full_r):
-    # N > d: the ETKF analysis mean/covariance are the Kalman update of the ensemble's
-    # sample mean/covariance (Hunt et al. 2007), exactly up to round-off.
-    x, obs, H, y = _problem(device, full_r=full_r)
+@pytest.mark.parametrize("dims", [(6, 4, 15), (6, 9, 5)], ids=["obs-space", "ens-space"])
+def test_etkf_equals_kalman_of_sample_moments(device, full_r, dims):
+    # The ETKF analysis mean/covariance are the Kalman update of the ensemble's sample
+    # mean/covariance (Hunt et al. 2007), exactly up to round-off -- for N > d (the
+    # issue's case, m < N: observation-space branch) and, in the ensemble subspace, also
+    # for N < m (ensemble-space branch).
+    d, m, n = dims
+    x, obs, H, y = _problem(device, d=d, m=m, n=n, full_r=full_r)
     mu, P = _moments(x)
     R = obs.noise.covariance(H.shape[0]).to(device=device, dtype=F64)
     mean, cov, log_z = _kalman(mu, P, H, R, y)
@@ -147,8 +151,10 @@ def _letkf_reference(x, y, H, r_var, radius, d):
     return out
 
 
-def test_letkf_matches_per_gridpoint_loop():
-    d, n, radius = 24, 6, 2.0
+@pytest.mark.parametrize("n", [4, 12], ids=["ens-space", "obs-space"])
+def test_letkf_matches_per_gridpoint_loop(n):
+    # up to 5 local observations: N=4 takes the ensemble-space branch, N=12 the other
+    d, radius = 24, 2.0
     x, g = _l96_like("cpu", d=d, n=n, seed=5)
     obs = Observation(Subset(every=3), GaussianNoise(std=0.5))
     H = obs.operator.matrix((d,), dtype=F64)
@@ -251,3 +257,16 @@ def test_make_filter_builds_each_method():
     assert isinstance(make_filter("EnKF-sqrt", rtps=None), ETKF)
     f = make_filter("letkf", radius=3.0, inflation=1.05)
     assert isinstance(f, LETKF) and f.radius == 3.0 and f.inflation == 1.05
+
+
+def test_stochastic_enkf_ensemble_space_mean_is_kalman(device, gen):
+    # m >= N takes the ensemble-space branch; centred perturbations leave the mean
+    # update equal to the Kalman mean of the sample moments, exactly.
+    x, obs, H, y = _problem(device, d=6, m=9, n=5, full_r=False)
+    mu, P = _moments(x)
+    R = obs.noise.covariance(9).to(device=device, dtype=F64)
+    mean, _, log_z = _kalman(mu, P, H, R, y)
+    out, info = EnKF().analysis(Ensemble(x), y, obs, generator=gen(3, device))
+    torch.testing.assert_close(out.x.mean(0), mean, atol=1e-9, rtol=1e-9)
+    assert info["log_z"] == pytest.approx(log_z, abs=1e-9)
+    assert float((out.x - x).std()) > 0  # perturbations did act on the members

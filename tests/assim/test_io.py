@@ -106,6 +106,15 @@ def test_wrong_dims(tmp_path):
         io.read_dataset(p, var="state", dims=("time", "lat", "lon"))
 
 
+def test_wrong_units(tmp_path):
+    p = io.write_dataset(_traj(), tmp_path / "a.nc")
+    with pytest.raises(
+        InputError, match=re.escape(f"{p}: variable 'state' has units '1'; expected 'K'")
+    ):
+        io.read_dataset(p, var="state", units="K")
+    io.read_dataset(p, var="state", units="1")
+
+
 @pytest.mark.parametrize(
     "times,msg",
     [

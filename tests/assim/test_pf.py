@@ -15,6 +15,15 @@ from assim.obs import GaussianNoise, Observation, Subset
 from models.worlds.linear_gaussian import LinearGaussian
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny tensor ops: one thread avoids contention on the shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _setting(d: int, every: int, r: float, K: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     A = 0.9 * torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(
@@ -123,12 +132,29 @@ def test_jitter_covariance_is_the_weighted_ensemble_covariance(gen):
     log_w = torch.log_softmax(torch.randn(30, generator=gen(1), dtype=torch.float64), 0)
     w = log_w.exp()
     mu = w @ x
-    C = ((x - mu) * w.unsqueeze(1)).T @ (x - mu)
+    C = ((x - mu) * w.unsqueeze(1)).T @ (x - mu) / (1 - (w**2).sum())  # unbiased weighted
+    se = lambda C: torch.sqrt((torch.outer(C.diagonal(), C.diagonal()) + C**2) / 20000)  # noqa: E731
     draws = _jitter_noise(x, log_w, 20000, "spread", gen(2))
-    se = torch.sqrt((torch.outer(C.diagonal(), C.diagonal()) + C**2) / 20000)
-    assert bool(((torch.cov(draws.T) - C).abs() < 4 * se).all())
-    pf = BootstrapPF(threshold=1.0, jitter=0.5)
+    assert bool(((torch.cov(draws.T) - C).abs() < 4 * se(C)).all())
+    # degenerate weights: the equally weighted covariance instead of C = 0
+    one = torch.full((30,), -math.inf, dtype=torch.float64)
+    one[0] = 0.0
+    draws = _jitter_noise(x, one, 20000, "spread", gen(3))
+    C1 = torch.cov(x.T)
+    assert bool(((torch.cov(draws.T) - C1).abs() < 4 * se(C1)).all())
+
+
+def test_jitter_moves_only_duplicated_particles(gen):
     world, obs, *_ = _setting(3, 1, 1.0, K=1, seed=5)
-    out, info = pf.analysis(Ensemble(x), torch.zeros(3, dtype=torch.float64), obs, gen(3))
-    # after resampling with jitter the particles are all distinct
-    assert info["resampled"] and torch.unique(out.x, dim=0).shape[0] == 30
+    x = torch.randn(30, 3, generator=gen(0), dtype=torch.float64)
+    y = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+    for jitter_all in (False, True):
+        pf = BootstrapPF(threshold=1.0, jitter=0.5, jitter_all=jitter_all)
+        out, info = pf.analysis(Ensemble(x), y, obs, gen(3))
+        # which new particles coincide with an old one
+        kept = (out.x.unsqueeze(1) == x.unsqueeze(0)).all(-1).any(1)
+        assert info["resampled"] and torch.unique(out.x, dim=0).shape[0] == 30
+        if jitter_all:
+            assert not bool(kept.any())
+        else:  # particles drawn once are kept as they are, copies are all moved
+            assert 0 < int(kept.sum()) < 30

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.physics import Kolmogorov, Lorenz63, Lorenz96
 
@@ -51,6 +53,17 @@ def test_l96_advection_conserves_energy(device, dtype, tol):
     energy_rate = (x * adv).sum(-1)
     scale = (x * adv).abs().sum(-1)
     assert (energy_rate.abs() / scale).max() < tol
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(4, 80), seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 100.0))
+def test_l96_energy_identity_any_size(n, seed, scale):
+    # Lorenz-96 "any size": the identity holds for every ring length n >= 4.
+    x = scale * torch.randn(
+        3, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    adv = Lorenz96.advection(x)
+    assert ((x * adv).sum(-1).abs() / (x * adv).abs().sum(-1)).max() < 1e-12
 
 
 def test_l96_climatology_f8(device):

@@ -14,8 +14,17 @@ import torch
 import xarray as xr
 
 import models
+from models.checkpoint import save as save_checkpoint
 from models.physics import Lorenz96
-from models.train import TrainConfig, WindowDataModule, WorldModule, build_world, train_world
+from models.train import (
+    TrainConfig,
+    WindowDataModule,
+    WorldModule,
+    _validation_tensors,
+    build_world,
+    fit,
+    train_world,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GRID = 8
@@ -118,22 +127,33 @@ def test_loss_decreases_within_sixty_steps(l96_data, tmp_path):
     assert fixed_loss() < 0.67 * before
 
 
-def test_train_world_checkpoint_round_trip(l96_data, tmp_path, gen):
-    path = train_world(tiny_config(tmp_path, steps=10, ema_decay=0.9), l96_data)
+def test_checkpoint_round_trip_reproduces_the_trained_world(l96_data, tmp_path, gen):
+    """The world in memory after training and the one ``models.load`` rebuilds give
+    bit-identical forecasts with the same generator (weights, EMA, statistics, table)."""
+    cfg = tiny_config(tmp_path, steps=10, ema_decay=0.9)
+    module, trainer, dm = fit(cfg, l96_data)
+    trained = module.export_world().cpu().eval()
+    trained.calibrate(*_validation_tensors(dm))
+    path = save_checkpoint(trained, tmp_path / "w.pt", meta={"note": "test"})
+    loaded = models.load(path, device="cpu")
+    assert loaded.meta == {"note": "test"} and not torch.isnan(loaded.cal_mse).any()
+    x0 = torch.as_tensor(l96_data.values[-1], dtype=torch.float32)
+    fa = trained.forecast(x0, 3, members=4, generator=gen(5))
+    fb = loaded.forecast(x0, 3, members=4, generator=gen(5))
+    assert torch.equal(fa, fb)
+    world2 = models.load(path).configure(q=0.2, steps=2)  # inference options, no retraining
+    assert world2.transition_sampler(x0[None]).times.numel() == 3
+
+
+def test_train_world_writes_a_loadable_checkpoint(l96_data, tmp_path):
+    path = train_world(tiny_config(tmp_path, steps=10), l96_data)
     payload = torch.load(path, weights_only=True)
     assert payload["spec"]["variable"] == "state" and payload["spec"]["state_shape"] == [N_GRID]
-    assert payload["meta"]["global_steps"] == 10
-    a, b = models.load(path, device="cpu"), models.load(path, device="cpu")
-    assert not torch.isnan(a.cal_mse).any()  # calibrated on the validation split
-    x0 = torch.as_tensor(l96_data.values[-1], dtype=torch.float32)
-    fa = a.forecast(x0, 3, members=4, generator=gen(5))
-    fb = b.forecast(x0, 3, members=4, generator=gen(5))
-    assert torch.equal(fa, fb)
-    # the loaded world is the trained one: same weights, stats and forecasts
-    for k, v in a.state_dict().items():
+    assert payload["spec"]["backbone"] == "resnet1d" and payload["meta"]["global_steps"] == 10
+    world = models.load(path)
+    for k, v in world.state_dict().items():
         assert torch.equal(v, payload["state_dict"][k]), k
-    world2 = models.load(path).configure(q=0.2, steps=2)
-    assert world2.transition_sampler(x0[None]).times.numel() == 3
+    assert world.dt == pytest.approx(0.05)
 
 
 def test_checkpoint_mismatch_and_bad_files_are_clear_errors(l96_data, tmp_path):

@@ -1,0 +1,373 @@
+"""Benchmark of the diffusion particle filter on Lorenz-96 (BENCHMARKS.md B).
+
+Settings (``--setting``): ``l96-std`` (40 vars, all observed every step, R = I),
+``l96-sparse`` (every 4th variable), ``l96-sparse-long`` (every 4th, every 3 steps),
+``l96-arctan`` (arctan of all 40, sigma 0.05, every 2 steps). The truth starts near
+DAPPER's ``X0`` (``(1, 0, ..., 0)`` + N(0, 1)), observations are drawn with the evaluation
+seed; the world model never sees the equations at assimilation time (learned world).
+
+Worlds:
+* ``learned``: the conditional diffusion world ``models/checkpoints/l96.pt``
+  (``models.load``), run with ``--steps`` diffusion steps and model-error level ``--q``.
+* ``exact``: the true model with additive model error ``N(0, q^2)`` as an *exact*
+  Gaussian diffusion chain (:class:`ExactModelErrorWorld`): with it the global dpf is the
+  exact optimal-proposal particle filter of the true model (the study's 0.554 reference).
+* ``true``: the true model (``Physical``) for the ensemble Kalman filters.
+
+Methods: global dpf (``dpf``), local dpf (``ldpf``, ``--radius``), bootstrap PF (``pf``)
+with the learned world, ETKF with the learned world and with the true model. Metrics:
+``rmse.a`` (time mean over scored cycles of the spatial RMS error of the analysis mean,
+DAPPER's definition), ``spread`` (time mean of the RMS ensemble std) and spread/skill,
+the rank-histogram chi^2 p-value (truth among the equally weighted, resampled members;
+the test assumes independence, so small p is expected from time correlation), mean ESS,
+divergence (``rmse.a`` > half the climatological spread, 1.8), cycles/s (1 thread).
+
+``python experiments/bench_dpf.py --quick`` (< 60 s) ;
+``python experiments/bench_dpf.py --cycles 2000 --seeds 0 1 2 --jobs 1`` (long; run it
+in the background). Results: ``experiments/results/bench_dpf_<setting>.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from assim.filters.base import Ensemble  # noqa: E402
+from assim.filters.dpf import make_dpf  # noqa: E402
+from assim.filters.enkf import make_filter  # noqa: E402
+from assim.filters.pf import BootstrapPF  # noqa: E402
+from assim.metrics import rank_histogram  # noqa: E402
+from assim.obs import Arctan, GaussianNoise, Identity, Observation, Subset  # noqa: E402
+from assim.smc import systematic  # noqa: E402
+from models.diffusion.kernel import GaussianKernel  # noqa: E402
+from models.worlds.physical import physical_world  # noqa: E402
+
+RESULTS = ROOT / "experiments" / "results"
+CKPT = ROOT / "models" / "checkpoints" / "l96.pt"
+CLIM_HALF = 1.8  # half the L96 climatological spread (3.63)
+
+_REF_STD = "EnKF-sqrt N=40 0.177 · LETKF 0.215 · PF N=3000 0.249"
+SETTINGS = {
+    "l96-std": dict(op=Identity, sigma=1.0, every=1, ref=_REF_STD),
+    "l96-sparse": dict(op=lambda: Subset(every=4), sigma=1.0, every=1, ref="LETKF N=40 0.89-0.96"),
+    "l96-sparse-long": dict(op=lambda: Subset(every=4), sigma=1.0, every=3, ref="LETKF 1.47-1.49"),
+    "l96-arctan": dict(op=Arctan, sigma=0.05, every=2, ref="EnKF-sqrt 0.032 · LETKF 0.040"),
+}  # fmt: skip
+
+
+class ExactModelErrorWorld:
+    """``x_{k+1} = M(x_k) + N(0, q^2 I)`` as an exact variance-exploding diffusion chain.
+
+    The target is an isotropic Gaussian around ``mu = M(x_k)``, so the reverse kernels
+    are exact and diagonal: with ``x_t = x_f + nu_t eps`` and ``c_t = q^2 + nu_t^2``,
+    ``p(x_s | x_t) = N(mu + c_s / c_t (x_t - mu), c_s - c_s^2 / c_t)``, ``x_{t_0} ~ N(mu, c_0)``,
+    ``E[x_f | x_t] = mu + q^2 / c_t (x_t - mu)``, ``Var = q^2 nu_t^2 / c_t``."""
+
+    def __init__(self, physical, q: float, steps: int = 2, nu_max: float = 20.0) -> None:
+        self.physical, self.q = physical, float(q)
+        self.state_shape, self.dt = physical.state_shape, physical.dt
+        nu = torch.logspace(math.log10(nu_max), math.log10(max(q, 1e-3) * 0.3), steps)
+        self.nu2 = torch.cat([nu**2, torch.zeros(1)]).double()
+        self.times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+    def transition_sampler(self, cond):
+        return _ExactChain(self, self.physical.deterministic_step(cond))
+
+    @torch.no_grad()
+    def step(self, x, generator=None):
+        chain = self.transition_sampler(x)
+        z = chain.init(generator)
+        for j in range(len(self.times) - 1):
+            z = chain.kernel(z, j).sample(generator)
+        return z
+
+
+class _ExactChain:
+    def __init__(self, world: ExactModelErrorWorld, mu: torch.Tensor) -> None:
+        self.w, self.mu, self.times = world, mu, world.times
+        self.c = (world.q**2 + world.nu2).to(mu.dtype)
+
+    def init(self, generator=None):
+        eps = torch.randn(self.mu.shape, generator=generator, dtype=self.mu.dtype)
+        return self.mu + self.c[0].sqrt() * eps
+
+    def kernel(self, x_t, j):
+        c_t, c_s = self.c[j], self.c[j + 1]
+        return GaussianKernel(self.mu + c_s / c_t * (x_t - self.mu), c_s - c_s**2 / c_t)
+
+    def noise_var(self, j):
+        return self.w.nu2[j].to(self.mu.dtype)
+
+    def denoise(self, x_t, j):
+        return self.mu + self.w.q**2 / self.c[j] * (x_t - self.mu)
+
+    def denoise_var(self, j):
+        return self.w.q**2 * self.noise_var(j) / self.c[j]
+
+    def denoise_slope(self, j):
+        return self.w.q**2 / self.c[j]
+
+
+class _NoiseVarChain:
+    """Adds ``noise_var(j) = (s r_j)^2`` (the state-space noise variance) to a
+    :class:`ConditionalChain`, for the Tweedie slope of the twisted proposal."""
+
+    def __init__(self, chain) -> None:
+        self._c = chain
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def noise_var(self, j):
+        return (self._c.s * self._c.ratio[j]) ** 2
+
+
+class _LearnedWorld:
+    """The checkpoint world with ``noise_var`` on its chains (if it lacks it) and a
+    one-entry memo on its denoiser: the guided filter evaluates ``D(x_t)`` for the twist
+    and the sampler's kernel evaluates it again on the same input (same ``t``, same
+    ``cond`` object, bitwise-equal ``z``), so the memo halves the network calls."""
+
+    def __init__(self, world) -> None:
+        self.w = world
+        self.state_shape, self.dt = world.state_shape, world.dt
+        den, forward, memo = world.denoiser, world.denoiser.forward, {}
+
+        def cached(z, t, cond=None):
+            if torch.is_grad_enabled() and z.requires_grad:  # DPS gradients: no memo
+                return forward(z, t, cond)
+            key = (float(torch.as_tensor(t).reshape(-1)[0]), id(cond), tuple(z.shape))
+            hit = memo.get("key") == key and torch.equal(memo["z"], z)
+            if not hit:
+                memo.update(key=key, z=z.detach().clone(), out=forward(z, t, cond), cond=cond)
+            return memo["out"]
+
+        den.forward = cached
+
+    def transition_sampler(self, cond):
+        chain = self.w.transition_sampler(cond)
+        return chain if hasattr(chain, "noise_var") else _NoiseVarChain(chain)
+
+    def step(self, x, generator=None):
+        return self.w.step(x, generator)
+
+
+def truth_and_obs(setting: str, cycles: int, seed: int):
+    cfg = SETTINGS[setting]
+    phys = physical_world("l96")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 40, dtype=torch.float64)
+    x[0, 0] = 1.0
+    x = x + torch.randn(1, 40, generator=g, dtype=torch.float64)
+    obs = Observation(cfg["op"](), GaussianNoise(std=cfg["sigma"]))
+    xs, ys = [], []
+    for k in range(cycles):
+        x = phys.step(x)
+        xs.append(x[0])
+        y = obs.sample(x.float(), g)[0]
+        if (k + 1) % cfg["every"]:
+            y = torch.full_like(y, math.nan)
+        ys.append(y)
+    return torch.stack(xs).float(), torch.stack(ys), obs
+
+
+def make_method(name: str, n: int, args):
+    """``(filter, world_kind)``."""
+    if name.startswith("dpf"):
+        return make_dpf(None, twist=args.twist, inner_threshold=args.inner), "diff"
+    if name.startswith("ldpf"):
+        return make_dpf(None, radius=args.radius, inner_threshold=args.inner), "diff"
+    if name.startswith("pf"):
+        return BootstrapPF(), "diff"
+    if name.startswith("etkf-true"):
+        return make_filter("etkf", inflation=1.02), "true"
+    if name.startswith("etkf"):
+        return make_filter("etkf", inflation=1.02), "diff"
+    raise ValueError(name)
+
+
+def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
+    torch.set_num_threads(1)
+    truth, ys, obs = truth_and_obs(setting, args.cycles, seed)
+    filt, kind = make_method(method, n, args)
+    if kind == "true":
+        world = physical_world("l96")
+    elif args.world == "learned":
+        import models
+
+        base = models.load(str(CKPT))
+        base.configure(steps=args.steps, q=args.q)
+        base.eval()
+        world = _LearnedWorld(base)
+    else:
+        world = ExactModelErrorWorld(physical_world("l96"), args.q, args.steps)
+    g = torch.Generator().manual_seed(1000 + seed)
+    x0 = torch.zeros(n, 40)
+    x0[:, 0] = 1.0
+    ens = Ensemble(x0 + torch.randn(n, 40, generator=g))
+    err, spread, ess_list, inner_list, ranks_e, ranks_y = [], [], [], [], [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for k in range(args.cycles):
+            y = ys[k]
+            ens, info = filt.cycle(world, ens, None if torch.isnan(y).all() else y, obs, g)
+            m = ens.mean()
+            err.append(float(((m - truth[k]) ** 2).mean().sqrt()))
+            spread.append(float(ens.var().clamp_min(0).mean().sqrt()))
+            ess_list.append(float(info.get("ess", n)))
+            inner = info.get("min_inner_ess", math.nan)
+            inner_list.append(float(inner) if inner is not None else math.nan)
+            if k >= args.burn and k % 5 == 0:
+                idx = systematic(ens.log_w, n, g)  # equally weighted members for ranks
+                ranks_e.append(ens.x[idx])
+                ranks_y.append(truth[k])
+            if not math.isfinite(err[-1]):
+                break
+            if args.progress and (k + 1) % args.progress == 0:
+                rate = (k + 1) / (time.time() - t0)
+                msg = f"{setting} {method} N={n} seed={seed} cycle {k + 1}: rmse {err[-1]:.3f}"
+                print(f"{msg} ({rate:.1f} cycles/s)", file=sys.stderr, flush=True)
+    secs = time.time() - t0
+    e = torch.tensor(err[args.burn :])
+    rmse_a = float(e.mean()) if len(e) else math.nan
+    sp = float(torch.tensor(spread[args.burn :]).mean()) if len(e) else math.nan
+    p = math.nan
+    if ranks_e:
+        p = float(rank_histogram(torch.stack(ranks_e, 1), torch.stack(ranks_y)).pvalue)
+    return dict(
+        setting=setting, method=method, n=n, seed=seed, rmse_a=rmse_a, spread=sp,
+        spread_skill=sp / rmse_a if rmse_a > 0 else math.nan, rank_p=p,
+        mean_ess=sum(ess_list) / max(1, len(ess_list)),
+        mean_min_inner_ess=_nanmean(inner_list), cycles_per_s=len(err) / secs,
+        diverged=bool(not math.isfinite(rmse_a) or rmse_a > CLIM_HALF), cycles=len(err),
+        world=args.world if kind == "diff" else "true", steps=args.steps, q=args.q,
+        rmse_series=err[:: max(1, len(err) // 200)],
+    )  # fmt: skip
+
+
+def _nanmean(v: list[float]) -> float:
+    v = [x for x in v if math.isfinite(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def _job(a):
+    setting, method, n, seed, args = a
+    return run_one(setting, method, n, seed, args)
+
+
+def summarise(rows: list[dict], setting: str) -> str:
+    from statistics import median
+
+    lines = [
+        f"### {setting} (reference: {SETTINGS[setting]['ref']})",
+        "",
+        "| method | world | N | seeds | rmse.a median [min, max] | spread/skill | rank p "
+        "| mean ESS | min inner ESS | div | cycles/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    keys = sorted({(r["method"], r["n"], r["world"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for method, n, world in keys:
+        rs = [r for r in rows if (r["method"], r["n"], r["world"]) == (method, n, world)]
+        v = [r["rmse_a"] for r in rs]
+        ss, rp = median(r["spread_skill"] for r in rs), median(r["rank_p"] for r in rs)
+        lines.append(
+            f"| {method} | {world} | {n} | {len(rs)} | {median(v):.3f} [{min(v):.3f}, "
+            f"{max(v):.3f}] | {ss:.2f} | {rp:.2g} "
+            f"| {median(r['mean_ess'] for r in rs):.1f} "
+            f"| {median(r['mean_min_inner_ess'] for r in rs):.1f} "
+            f"| {sum(r['diverged'] for r in rs)} "
+            f"| {median(r['cycles_per_s'] for r in rs):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], setting: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted({r["n"] for r in rows if r["method"] == method})
+        med = []
+        for n in pts:
+            v = sorted(r["rmse_a"] for r in rows if r["method"] == method and r["n"] == n)
+            med.append(v[len(v) // 2])
+        ax.plot(pts, med, "o-", label=method)
+    ax.axhline(0.25, ls="--", c="gray", lw=0.8, label="PF N=3000 (true model)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("N (particles / members)")
+    ax.set_ylabel("rmse.a (median over seeds)")
+    ax.set_title(setting)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", default="l96-std", choices=sorted(SETTINGS))
+    p.add_argument("--world", default="learned", choices=["learned", "exact"])
+    p.add_argument("--methods", nargs="+", default=["dpf", "ldpf", "pf", "etkf", "etkf-true"])
+    p.add_argument("--ns", nargs="+", type=int, default=[16, 32, 64])
+    p.add_argument("--cycles", type=int, default=2000)
+    p.add_argument("--burn", type=int, default=200)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--q", type=float, default=0.15)
+    p.add_argument("--radius", type=float, default=3.0)
+    p.add_argument("--twist", default="gaussian")
+    p.add_argument("--inner", type=float, default=0.5, help="inner resampling threshold")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--tag", default="")
+    p.add_argument("--progress", type=int, default=0, help="print every K cycles (stderr)")
+    p.add_argument("--quick", action="store_true", help="< 60 s smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cycles, args.burn, args.seeds = 150, 50, [0]
+        args.ns, args.methods = [16], ["dpf", "ldpf", "etkf-true"]
+        if not CKPT.exists():
+            args.world = "exact"
+    if args.world == "learned" and not CKPT.exists():
+        print(f"no checkpoint at {CKPT}; use --world exact", file=sys.stderr)
+        return 2
+    jobs = []
+    for method in args.methods:
+        ns = [40] if method.startswith("etkf") else ([64] if method in ("ldpf", "pf") else args.ns)
+        ns = ([40] if method.startswith("etkf") else args.ns) if args.quick else ns
+        jobs += [(args.setting, method, n, s, args) for n in ns for s in args.seeds]
+    if args.jobs > 1:
+        from multiprocessing import get_context
+
+        with get_context("spawn").Pool(args.jobs) as pool:
+            rows = pool.map(_job, jobs)
+    else:
+        rows = [_job(j) for j in jobs]
+    table = summarise(rows, args.setting)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_dpf_{args.setting}{'_quick' if args.quick else ''}{args.tag}"
+    for suffix, text in ((".md", table + "\n"), (".json", json.dumps(rows, indent=1))):
+        tmp = RESULTS / (stem + suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, RESULTS / (stem + suffix))
+    plot(rows, args.setting, RESULTS / (stem + ".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
