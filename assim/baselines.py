@@ -80,8 +80,8 @@ def grouped_climatology(
 def linear_interp(values: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     """Fill NaN entries of one field ``(P,)`` by linear interpolation in (lon, lat).
 
-    Longitudes are wrapped (copies at ±360°) when the grid spans the globe, so the
-    dateline is not a boundary. Points outside the convex hull take the nearest value.
+    Longitudes are wrapped (copies of 30° strips at ±360°) when the grid spans the
+    globe, so the dateline is not a boundary. Points outside the convex hull take the nearest value.
     """
     from scipy.interpolate import griddata
 
@@ -92,9 +92,10 @@ def linear_interp(values: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.nd
     if obs.sum() < 3:
         raise ValueError("linear_interp: need at least 3 observed points")
     pts, val = np.c_[lon[obs], lat[obs]], values[obs]
-    if np.ptp(lon) > 300:  # global in longitude: wrap
-        pts = np.r_[pts, pts + [360.0, 0.0], pts - [360.0, 0.0]]
-        val = np.r_[val, val, val]
+    if np.ptp(lon) > 300:  # global in longitude: wrap copies of a 30-degree strip
+        lo, hi = pts[:, 0] < lon.min() + 30, pts[:, 0] > lon.max() - 30
+        pts = np.r_[pts, pts[lo] + [360.0, 0.0], pts[hi] - [360.0, 0.0]]
+        val = np.r_[val, val[lo], val[hi]]
     target = np.c_[lon[~obs], lat[~obs]]
     out = values.copy()
     lin = griddata(pts, val, target, method="linear")

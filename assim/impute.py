@@ -270,6 +270,19 @@ def impute_array(
 
 
 # --------------------------------------------------------------------------- xarray edge
+def check_grid(prior: FieldPrior, lat: np.ndarray, lon: np.ndarray, name: str) -> None:
+    """Raise :class:`InputError` unless the prior lives on these valid points."""
+    same = prior.lat.numel() == lat.size and (
+        np.allclose(prior.lat.numpy(), lat, atol=1e-4)
+        and np.allclose(prior.lon.numpy(), lon, atol=1e-4)
+    )
+    if not same:
+        raise InputError(
+            f"the prior has {prior.lat.numel()} grid points, variable {name!r} has {lat.size}"
+            " valid points on another grid"
+        )
+
+
 def season_index(time) -> tuple[np.ndarray, int]:
     """Calendar-month index ``0..11`` when ``time`` (an xarray coordinate) is monthly,
     else a single group: returns ``(groups (T,), n_groups)``."""
@@ -341,11 +354,8 @@ def impute(
             n_groups,
             generator=generator,
         )
-    elif prior.lat.numel() != lat.size or not np.allclose(prior.lat.numpy(), lat, atol=1e-4):
-        raise InputError(
-            f"the prior has {prior.lat.numel()} grid points, variable {da.name!r} has {lat.size}"
-            " valid points on another grid"
-        )
+    else:
+        check_grid(prior, lat, lon, str(da.name))
     groups = groups % prior.n_groups
     smp, mean = impute_array(prior, vals, groups, n, generator, window)
     q = torch.quantile(smp, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=smp.dtype), 0)

@@ -205,13 +205,29 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--methods", nargs="+", default=["evidence", "imputation", "dte"])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument(
+        "--merge",
+        nargs="*",
+        default=None,
+        help="only merge these CSVs into bench_anomaly.md and exit",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [0] if args.quick else list(range(args.seeds))
     dsets = ["sst_anom"] if args.quick else args.datasets
     methods = ["evidence", "dte"] if args.quick else args.methods
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    if args.merge is not None:
+        import pandas as pd
+
+        rows = pd.concat([pd.read_csv(f) for f in args.merge]).to_dict("records")
+        (RESULTS / "bench_anomaly.md").write_text(
+            f"# bench_anomaly (means over seeds)\n\n{table(rows)}\n"
+        )
+        print(table(rows))
+        return 0
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     logf = open(RESULTS / f"bench_anomaly{suffix}.log", "w")
 
     def log(msg):

@@ -15,7 +15,8 @@ Worlds:
 * ``true``: the true model (``Physical``) for the ensemble Kalman filters.
 
 Methods: global dpf (``dpf``), local dpf (``ldpf``, ``--radius``), bootstrap PF (``pf``)
-with the learned world, ETKF with the learned world and with the true model. Metrics:
+with the diffusion world, ETKF / LETKF with the diffusion world (``etkf``, ``letkf``) and
+with the true model (``etkf-true``, ``letkf-true``). Metrics:
 ``rmse.a`` (time mean over scored cycles of the spatial RMS error of the analysis mean,
 DAPPER's definition), ``spread`` (time mean of the RMS ensemble std) and spread/skill,
 the rank-histogram chi^2 p-value (truth among the equally weighted, resampled members;
@@ -189,6 +190,9 @@ def make_method(name: str, n: int, args):
         return make_dpf(None, radius=args.radius, inner_threshold=args.inner), "diff"
     if name.startswith("pf"):
         return BootstrapPF(), "diff"
+    if name.startswith("letkf"):
+        filt = make_filter("letkf", inflation=args.letkf_infl, radius=args.letkf_radius)
+        return filt, "true" if name.endswith("-true") else "diff"
     if name.startswith("etkf-true"):
         return make_filter("etkf", inflation=1.02), "true"
     if name.startswith("etkf"):
@@ -304,7 +308,9 @@ def plot(rows: list[dict], setting: str, path: Path) -> None:
         for n in pts:
             v = sorted(r["rmse_a"] for r in rows if r["method"] == method and r["n"] == n)
             med.append(v[len(v) // 2])
-        ax.plot(pts, med, "o-", label=method)
+        ok = [(n, m) for n, m in zip(pts, med, strict=True) if math.isfinite(m) and m > 0]
+        if ok:
+            ax.plot(*zip(*ok, strict=True), "o-", label=method)
     ax.axhline(0.25, ls="--", c="gray", lw=0.8, label="PF N=3000 (true model)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -332,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--radius", type=float, default=3.0)
     p.add_argument("--twist", default="gaussian")
     p.add_argument("--inner", type=float, default=0.5, help="inner resampling threshold")
+    p.add_argument("--letkf-radius", type=float, default=3.0)
+    p.add_argument("--letkf-infl", type=float, default=1.05)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--progress", type=int, default=0, help="print every K cycles (stderr)")
@@ -342,13 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         args.ns, args.methods = [16], ["dpf", "ldpf", "etkf-true"]
         if not CKPT.exists():
             args.world = "exact"
+    args.burn = min(args.burn, args.cycles // 4)
     if args.world == "learned" and not CKPT.exists():
         print(f"no checkpoint at {CKPT}; use --world exact", file=sys.stderr)
         return 2
     jobs = []
     for method in args.methods:
-        ns = [40] if method.startswith("etkf") else ([64] if method in ("ldpf", "pf") else args.ns)
-        ns = ([40] if method.startswith("etkf") else args.ns) if args.quick else ns
+        kf = method.startswith(("etkf", "letkf"))
+        ns = [40] if kf else ([64] if method in ("ldpf", "pf") else args.ns)
+        ns = ([40] if kf else args.ns) if args.quick else ns
         jobs += [(args.setting, method, n, s, args) for n in ns for s in args.seeds]
     if args.jobs > 1:
         from multiprocessing import get_context

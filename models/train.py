@@ -436,7 +436,7 @@ def train_world(
     if trainer.is_global_zero:
         world = module.export_world().cpu().eval()
         if config.calibrate:
-            world.calibrate(*_validation_tensors(dm))
+            world.calibrate(*validation_pairs(dm))
         info = {
             "train_config": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
             "global_steps": int(trainer.global_step),
@@ -448,7 +448,8 @@ def train_world(
     return out
 
 
-def _validation_tensors(dm: WindowDataModule, max_items: int = 4096) -> tuple[Tensor, Tensor]:
+def validation_pairs(dm: WindowDataModule, max_items: int = 4096) -> tuple[Tensor, Tensor]:
+    """Up to ``max_items`` evenly spaced validation windows ``((n, h, *S), (n, *S))``."""
     n = min(len(dm.val_set), max_items)
     idx = np.linspace(0, len(dm.val_set) - 1, n).astype(int)
     hist, nxt = zip(*(dm.val_set[int(i)] for i in idx), strict=True)

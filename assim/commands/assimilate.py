@@ -8,7 +8,7 @@ Methods: ``kalman`` (linear-Gaussian worlds only), ``enkf`` (stochastic, perturb
 observations), ``etkf`` (= ``enkf-sqrt``), ``letkf``, ``pf`` (bootstrap). Options come
 from ``--config FILE.toml`` (top-level keys, or a table named after the method) and
 are overridden by flags: ``--inflation --rtps --radius`` (ensemble Kalman),
-``--threshold --resample --jitter`` (pf).
+``--threshold --resample --jitter --reg`` (pf).
 
 The world is ``physical:<system>`` (the simulator of the truth, with its parameters
 and time step read from the observation file, plus ``--model-noise`` additive
@@ -28,7 +28,7 @@ from assim.commands._common import add_device, add_seed
 from assim.errors import InputError
 
 METHODS = ("kalman", "enkf", "etkf", "enkf-sqrt", "letkf", "pf")
-_PF_KEYS = {"threshold", "resample", "jitter", "jitter_mode"}
+_PF_KEYS = {"threshold", "resample", "jitter", "jitter_mode", "jitter_all", "reg"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="pf: resample if ESS<t*N")
     parser.add_argument("--resample", default=None, help="pf: systematic|stratified|residual|...")
     parser.add_argument("--jitter", type=float, default=None, help="pf: regularisation scale")
+    parser.add_argument(
+        "--reg", type=float, default=None, help="pf: DAPPER reg (jitter = reg N^(-1/(d+4)))"
+    )
     parser.add_argument(
         "--model-noise", type=float, default=0.0, help="physical world: additive noise std/step"
     )
@@ -71,7 +74,7 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--config {args.config}: cannot read TOML ({exc})") from exc
         opts.update({k: v for k, v in cfg.items() if not isinstance(v, dict)})
         opts.update(cfg.get(args.method, {}))
-    for key in ("inflation", "rtps", "radius", "threshold", "resample", "jitter"):
+    for key in ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     return opts

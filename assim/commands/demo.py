@@ -46,7 +46,16 @@ def simulate_l96(out: Path, ctx: dict[str, Any]) -> list[Path]:
     return [nc, png]
 
 
-STEPS: list[Callable[[Path, dict[str, Any]], list[Path]]] = [simulate_l96]
+def nightly_cycles(out: Path, ctx: dict[str, Any]) -> list[Path]:
+    """Three consecutive nightly L96 cycles (ETKF, synthetic observations in an inbox):
+    each cycle folder holds analysis, forecast, restart, a quicklook PNG and a record."""
+    from assim.cycle_demo import run_demo_cycles
+
+    folders = run_demo_cycles(out)
+    return [f / name for f in folders for name in ("analysis.nc", "quicklook.png")]
+
+
+STEPS: list[Callable[[Path, dict[str, Any]], list[Path]]] = [simulate_l96, nightly_cycles]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from assim.anomaly import clean_threshold, flags, score_fields
     from assim.commands.impute import load_prior, read_field
     from assim.errors import InputError
-    from assim.impute import field_points, fit_field_prior, season_index
+    from assim.impute import check_grid, field_points, fit_field_prior, season_index
 
     if not 0 < args.far < 1:
         raise InputError(f"--far must be in (0, 1), got {args.far}")
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         prior = fit_field_prior(
             vals, groups, torch.from_numpy(lat), torch.from_numpy(lon), n_groups, generator=gen
         )
-    elif prior.lat.numel() != lat.size:
-        raise InputError(f"--prior has {prior.lat.numel()} points, {args.var!r} has {lat.size}")
+    else:
+        check_grid(prior, lat, lon, args.var)
     groups = groups % prior.n_groups
     scores, extra = score_fields(prior, args.method, vals, groups, valid, gen)
     thr = clean_threshold(prior, args.method, args.far, valid, args.clean_steps, gen)

@@ -44,7 +44,10 @@ def load_world(spec: str, device):
 
 
 def initial_state(path: str, world, variable: str | None, time_index: int):
-    """``(x0 (M0, *S) or (*S), reference_time, units, dims, model_time?)`` from ``path``."""
+    """``(values, reference_time, variable, grid dims, attrs, has_members)`` from ``path``.
+
+    ``values`` is ``(*S)`` or ``(M, *S)``; for a world with history ``h > 1`` the last
+    ``h`` times: ``(h, *S)`` or ``(M, h, *S)``."""
     import numpy as np
 
     from assim.io import read_dataset
@@ -63,17 +66,24 @@ def initial_state(path: str, world, variable: str | None, time_index: int):
         )
     da = ds[var]
     ref = None
+    h = int(getattr(world, "history", 1))
     if "time" in da.dims:
         n = da.sizes["time"]
         if not -n <= time_index < n:
             raise InputError(f"--time-index {time_index} out of range for {n} times in {path}")
-        da = da.isel(time=time_index)
+        k = time_index % n
+        if k + 1 < h:
+            raise InputError(f"{path}: the world needs {h} times up to --time-index, has {k + 1}")
+        window = da.isel(time=slice(k + 1 - h, k + 1))
+        da = da.isel(time=k)
         ref = da["model_time"].values if "model_time" in da.coords else da["time"].values
+        if h > 1:  # (h, *S) or (member, h, *S): the history window, oldest first
+            da = window.rename(time="_history")
     elif "forecast_reference_time" in da.coords:
         ref = da["forecast_reference_time"].values
-    grid = tuple(str(d) for d in da.dims if d != "member")
-    if "member" in da.dims:
-        da = da.transpose("member", *grid)
+    grid = tuple(str(d) for d in da.dims if d not in ("member", "_history"))
+    lead_dims = tuple(d for d in ("member", "_history") if d in da.dims)
+    da = da.transpose(*lead_dims, *grid)
     shape = tuple(da.sizes[d] for d in grid)
     if tuple(shape) != tuple(world.state_shape):
         raise InputError(

@@ -49,14 +49,17 @@ def _jitter_noise(
     ``C`` is the weighted covariance of ``x`` with the unbiasing factor
     ``1 / (1 - sum w^2)``; when the weights are degenerate (one weight ~ 1) the equally
     weighted covariance is used instead, so that a collapsed filter still gets jitter.
+    Particles with non-finite states (weight zero) are left out.
     """
     flat = x.reshape(x.shape[0], -1)
     eps = randn((n, flat.shape[1]), generator, device=x.device, dtype=x.dtype)
     if mode == "absolute":
         return eps.reshape(n, *x.shape[1:])
-    w = log_w.exp().to(x.dtype)
+    finite = torch.isfinite(flat).all(1)
+    flat = torch.where(finite.unsqueeze(1), flat, torch.zeros_like(flat))
+    w = log_w.exp().to(x.dtype) * finite
     if float(1.0 - w.max()) < 1e-10:
-        w = torch.full_like(w, 1.0 / w.shape[0])
+        w = finite.to(x.dtype) / finite.sum().clamp_min(1)
     ub = 1.0 / (1.0 - (w * w).sum()).clamp_min(1e-12)
     mu = w @ flat
     anom = (flat - mu) * (ub * w).sqrt().unsqueeze(1)
@@ -82,7 +85,9 @@ class BootstrapPF(Filter):
 
     ``resample``: scheme name (``systematic``, ``stratified``, ``residual``,
     ``multinomial``); ``threshold``: resample when ``ESS < threshold * N`` (1: every
-    cycle); ``jitter`` / ``jitter_mode``: regularisation after resampling (module doc).
+    cycle); ``jitter`` / ``jitter_mode`` / ``jitter_all``: regularisation after
+    resampling (module doc); ``reg``: DAPPER's parametrisation, ``jitter = reg *
+    scott_bandwidth(N, d)`` (excludes ``jitter``).
 
     ``info``: ``ess`` (after the update, before resampling), ``log_z`` (evidence
     increment; ``-inf`` if collapsed), ``inflation`` (1), ``resampled``,
@@ -98,6 +103,7 @@ class BootstrapPF(Filter):
         jitter: float = 0.0,
         jitter_mode: str = "spread",
         jitter_all: bool = False,
+        reg: float | None = None,
     ) -> None:
         get_resampler(resample)
         if not 0.0 <= threshold:
@@ -109,6 +115,11 @@ class BootstrapPF(Filter):
         self.resample, self.threshold = resample, float(threshold)
         self.jitter, self.jitter_mode = float(jitter), jitter_mode
         self.jitter_all = bool(jitter_all)
+        if reg is not None and (reg < 0 or jitter > 0):
+            raise InputError(
+                f"reg must be >= 0 and excludes jitter, got reg={reg}, jitter={jitter}"
+            )
+        self.reg = None if reg is None else float(reg)
 
     def analysis(
         self,
@@ -147,8 +158,10 @@ class BootstrapPF(Filter):
         idx = get_resampler(self.resample)(new_log_w, n, generator).to(x.device)
         x_new = x[idx]
         w_new = torch.full_like(new_log_w, -math.log(n))
-        if self.jitter > 0:
-            noise = self.jitter * _jitter_noise(x, new_log_w, n, self.jitter_mode, generator)
+        d = x[0].numel()
+        jitter = self.jitter if self.reg is None else self.reg * scott_bandwidth(n, d)
+        if jitter > 0:
+            noise = jitter * _jitter_noise(x, new_log_w, n, self.jitter_mode, generator)
             if not self.jitter_all:  # DAPPER's default (nuj): particles drawn once stay
                 dup = _duplicated(idx, n).reshape(-1, *([1] * (x.dim() - 1)))
                 noise = noise * dup.to(noise.dtype)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
+from assim.errors import InputError
 from assim.filters.base import Ensemble
 from assim.filters.kalman import kalman_filter
 from assim.filters.pf import BootstrapPF, _jitter_noise
@@ -120,8 +121,9 @@ def test_ess_collapse_is_reported_and_weights_never_nan(gen):
     assert not bool(torch.isnan(out.log_w).any())
     # a few NaN particles get weight zero, the rest carry on
     x[:10] = float("nan")
-    out, info = pf.analysis(Ensemble(x), torch.tensor([0.0, 0.0]), obs, gen(3))
-    assert not info["collapsed"] and not bool(torch.isnan(out.x).any())
+    for filt in (pf, BootstrapPF(threshold=0.5, jitter=0.5)):
+        out, info = filt.analysis(Ensemble(x), torch.tensor([0.0, 0.0]), obs, gen(3))
+        assert not info["collapsed"] and not bool(torch.isnan(out.x).any())
 
 
 def test_jitter_covariance_is_the_weighted_ensemble_covariance(gen):
@@ -158,3 +160,16 @@ def test_jitter_moves_only_duplicated_particles(gen):
             assert not bool(kept.any())
         else:  # particles drawn once are kept as they are, copies are all moved
             assert 0 < int(kept.sum()) < 30
+
+
+def test_reg_is_jitter_times_scott_bandwidth(gen):
+    world, obs, *_ = _setting(3, 1, 1.0, K=1, seed=6)
+    x = torch.randn(40, 3, generator=gen(0), dtype=torch.float64)
+    y = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
+    a, _ = BootstrapPF(threshold=1.0, reg=1.5).analysis(Ensemble(x), y, obs, gen(1))
+    b, _ = BootstrapPF(threshold=1.0, jitter=1.5 * 40 ** (-1 / 7)).analysis(
+        Ensemble(x), y, obs, gen(1)
+    )
+    torch.testing.assert_close(a.x, b.x)
+    with pytest.raises(InputError, match="reg"):
+        BootstrapPF(reg=1.0, jitter=0.5)

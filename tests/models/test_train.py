@@ -20,10 +20,10 @@ from models.train import (
     TrainConfig,
     WindowDataModule,
     WorldModule,
-    _validation_tensors,
     build_world,
     fit,
     train_world,
+    validation_pairs,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ def test_checkpoint_round_trip_reproduces_the_trained_world(l96_data, tmp_path, 
     cfg = tiny_config(tmp_path, steps=10, ema_decay=0.9)
     module, trainer, dm = fit(cfg, l96_data)
     trained = module.export_world().cpu().eval()
-    trained.calibrate(*_validation_tensors(dm))
+    trained.calibrate(*validation_pairs(dm))
     path = save_checkpoint(trained, tmp_path / "w.pt", meta={"note": "test"})
     loaded = models.load(path, device="cpu")
     assert loaded.meta == {"note": "test"} and not torch.isnan(loaded.cal_mse).any()

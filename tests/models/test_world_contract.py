@@ -37,7 +37,28 @@ def _conditional(device):
     return Conditional(spec).to(device).eval()
 
 
+def _world_models_ii(kind):  # DYffusion, Rolling, FunctionSpace (tiny, untrained)
+    def make(device):
+        from models.worlds import dyffusion, function_space, rolling
+
+        torch.manual_seed(0)
+        small = dict(state_shape=(12,), dt=0.05, backbone_kwargs=dict(width=8, depth=1))
+        world = {
+            "dyffusion": lambda: dyffusion.DYffusion(dyffusion.DYffusionSpec(horizon=3, **small)),
+            "rolling": lambda: rolling.Rolling(
+                rolling.RollingSpec(window=3, init_steps=3, shift_steps=2, **small)
+            ),
+            "function_space": lambda: function_space.FunctionSpace(
+                function_space.FunctionSpaceSpec(steps=3, q=0.1, **small)
+            ),
+        }[kind]()
+        return world.to(device).eval()
+
+    return make
+
+
 WORLDS = {"physical": _physical, "linear_gaussian": _linear_gaussian, "conditional": _conditional}
+WORLDS.update({k: _world_models_ii(k) for k in ("dyffusion", "rolling", "function_space")})
 
 
 @pytest.fixture(params=sorted(WORLDS))
