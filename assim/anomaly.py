@@ -106,8 +106,8 @@ def evidence_scores(
     z = prior.standardize(values, groups)
     if not bool(torch.isfinite(z).all()):
         raise InputError("evidence scores need fully observed fields (impute gaps first)")
-    gain, s = predictive(prior)
-    sig = prior.window.spatial_cov()
+    gain, s = prior.cached("predictive", lambda: predictive(prior))
+    sig = prior.cached("spatial_cov", prior.window.spatial_cov)
     out = torch.empty_like(z)
     nb = grid_neighbours(valid, _is_periodic(prior)) if valid is not None else None
     inc_var = 2 * torch.diagonal(sig) - 2 * prior.window.lag_cov_diag()
@@ -116,7 +116,9 @@ def evidence_scores(
         if not ks:
             continue
         r = z[ks] - (0 if first else z[[k - 1 for k in ks]] @ gain.T)
-        q = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+        q = prior.cached(
+            f"precision_{first}", lambda c=cov: torch.cholesky_inverse(torch.linalg.cholesky(c))
+        )
         qd = torch.diagonal(q)
         logs = [_two_sided_log10p(r / torch.diagonal(cov).sqrt())]
         qr = r @ q
@@ -193,7 +195,7 @@ def dte_scores(
 
         schedule = CosineVP()
     z = prior.standardize(values, groups)
-    lam, v = torch.linalg.eigh(prior.window.spatial_cov())
+    lam, v = prior.cached("eigh", lambda: torch.linalg.eigh(prior.window.spatial_cov()))
     lam = lam.clamp_min(1e-10)
     ts = torch.linspace(0.0, 1.0, n_t, dtype=torch.float64)
     a, s = schedule(ts)

@@ -41,7 +41,6 @@ al. 2023; SMC-guided diffusion / FK steering, Singhal et al. 2025). Pieces:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +66,6 @@ __all__ = [
     "tweedie_slope",
     "twisted_gaussian_proposal",
 ]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def gaussian_twist(

@@ -53,6 +53,13 @@ class FieldPrior:
     scale: float
     nu: float = 1.5
     _window: GaussianWindowPrior | None = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key: str, fn):
+        """``fn()`` computed once per prior (derived matrices: eigendecompositions, ...)."""
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
 
     @property
     def n_groups(self) -> int:
@@ -204,6 +211,7 @@ def fit_field_prior(
     if calibrate and t - n_tr >= 1:
         c = holdout_variance_ratio(prior, z, n_tr, generator)
         prior.lam, prior.scale, prior._window = prior.lam * c, prior.scale * c, None
+        prior._cache.clear()
     return prior
 
 

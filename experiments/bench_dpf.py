@@ -3,8 +3,9 @@
 Settings (``--setting``): ``l96-std`` (40 vars, all observed every step, R = I),
 ``l96-sparse`` (every 4th variable), ``l96-sparse-long`` (every 4th, every 3 steps),
 ``l96-arctan`` (arctan of all 40, sigma 0.05, every 2 steps). The truth starts near
-DAPPER's ``X0`` (``(1, 0, ..., 0)`` + N(0, 1)), observations are drawn with the evaluation
+DAPPER's ``X0`` (``(1, 0, ..., 0)``), observations are drawn with the evaluation
 seed; the world model never sees the equations at assimilation time (learned world).
+Truth and initial ensemble are drawn from DAPPER's ``X0 = N((1, 0, ..., 0), 0.001 I)``.
 
 Worlds:
 * ``learned``: the conditional diffusion world ``models/checkpoints/l96.pt``
@@ -56,6 +57,7 @@ from models.worlds.physical import physical_world  # noqa: E402
 RESULTS = ROOT / "experiments" / "results"
 CKPT = ROOT / "models" / "checkpoints" / "l96.pt"
 CLIM_HALF = 1.8  # half the L96 climatological spread (3.63)
+X0_STD = math.sqrt(0.001)  # DAPPER's X0 = GaussRV(mu=(1, 0, ..., 0), C=0.001), truth and ensemble
 
 _REF_STD = "EnKF-sqrt N=40 0.177 · LETKF 0.215 · PF N=3000 0.249"
 SETTINGS = {
@@ -169,7 +171,7 @@ def truth_and_obs(setting: str, cycles: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(1, 40, dtype=torch.float64)
     x[0, 0] = 1.0
-    x = x + torch.randn(1, 40, generator=g, dtype=torch.float64)
+    x = x + X0_STD * torch.randn(1, 40, generator=g, dtype=torch.float64)
     obs = Observation(cfg["op"](), GaussianNoise(std=cfg["sigma"]))
     xs, ys = [], []
     for k in range(cycles):
@@ -200,8 +202,12 @@ def make_method(name: str, n: int, args):
     raise ValueError(name)
 
 
+DEFAULT_Q = {"dpf": 0.5, "pf": 0.5, "ldpf": 0.15}  # model-error level per method (else 0)
+
+
 def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     torch.set_num_threads(1)
+    q = args.q if args.q is not None else DEFAULT_Q.get(method, 0.0)
     truth, ys, obs = truth_and_obs(setting, args.cycles, seed)
     filt, kind = make_method(method, n, args)
     if kind == "true":
@@ -209,16 +215,16 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     elif args.world == "learned":
         import models
 
-        base = models.load(str(CKPT))
-        base.configure(steps=args.steps, q=args.q)
+        base = models.load(str(CKPT), device="cpu")
+        base.configure(steps=args.steps, q=q)
         base.eval()
         world = _LearnedWorld(base)
     else:
-        world = ExactModelErrorWorld(physical_world("l96"), args.q, args.steps)
+        world = ExactModelErrorWorld(physical_world("l96"), max(q, 0.05), args.steps)
     g = torch.Generator().manual_seed(1000 + seed)
     x0 = torch.zeros(n, 40)
     x0[:, 0] = 1.0
-    ens = Ensemble(x0 + torch.randn(n, 40, generator=g))
+    ens = Ensemble(x0 + X0_STD * torch.randn(n, 40, generator=g))
     err, spread, ess_list, inner_list, ranks_e, ranks_y = [], [], [], [], [], []
     t0 = time.time()
     with torch.no_grad():
@@ -254,7 +260,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         mean_ess=sum(ess_list) / max(1, len(ess_list)),
         mean_min_inner_ess=_nanmean(inner_list), cycles_per_s=len(err) / secs,
         diverged=bool(not math.isfinite(rmse_a) or rmse_a > CLIM_HALF), cycles=len(err),
-        world=args.world if kind == "diff" else "true", steps=args.steps, q=args.q,
+        world=args.world if kind == "diff" else "true", steps=args.steps, q=q,
         rmse_series=err[:: max(1, len(err) // 200)],
     )  # fmt: skip
 
@@ -275,17 +281,17 @@ def summarise(rows: list[dict], setting: str) -> str:
     lines = [
         f"### {setting} (reference: {SETTINGS[setting]['ref']})",
         "",
-        "| method | world | N | seeds | rmse.a median [min, max] | spread/skill | rank p "
+        "| method | world | q | N | seeds | rmse.a median [min, max] | spread/skill | rank p "
         "| mean ESS | min inner ESS | div | cycles/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    keys = sorted({(r["method"], r["n"], r["world"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    for method, n, world in keys:
-        rs = [r for r in rows if (r["method"], r["n"], r["world"]) == (method, n, world)]
+    keys = sorted({(r["method"], r["n"], r["world"], r["q"]) for r in rows})
+    for method, n, world, q in keys:
+        rs = [r for r in rows if (r["method"], r["n"], r["world"], r["q"]) == (method, n, world, q)]
         v = [r["rmse_a"] for r in rs]
         ss, rp = median(r["spread_skill"] for r in rs), median(r["rank_p"] for r in rs)
         lines.append(
-            f"| {method} | {world} | {n} | {len(rs)} | {median(v):.3f} [{min(v):.3f}, "
+            f"| {method} | {world} | {q:g} | {n} | {len(rs)} | {median(v):.3f} [{min(v):.3f}, "
             f"{max(v):.3f}] | {ss:.2f} | {rp:.2g} "
             f"| {median(r['mean_ess'] for r in rs):.1f} "
             f"| {median(r['mean_min_inner_ess'] for r in rs):.1f} "
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burn", type=int, default=200)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--q", type=float, default=0.15)
+    p.add_argument("--q", type=float, default=None, help="model-error level (default per method)")
     p.add_argument("--radius", type=float, default=3.0)
     p.add_argument("--twist", default="gaussian")
     p.add_argument("--inner", type=float, default=0.5, help="inner resampling threshold")
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="< 60 s smoke run")
     args = p.parse_args(argv)
     if args.quick:
-        args.cycles, args.burn, args.seeds = 150, 50, [0]
+        args.cycles, args.burn, args.seeds = 100, 25, [0]
         args.ns, args.methods = [16], ["dpf", "ldpf", "etkf-true"]
         if not CKPT.exists():
             args.world = "exact"

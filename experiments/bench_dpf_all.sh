@@ -18,11 +18,11 @@ for setting in ${SETTINGS:-l96-std l96-sparse l96-sparse-long l96-arctan}; do
   common=(--setting "$setting" --cycles "$CYCLES" --seeds $SEEDS --world learned --progress 500)
   kf=(etkf etkf-true)
   case $setting in l96-sparse*) kf=(letkf letkf-true) ;; esac
-  $PY experiments/bench_dpf.py "${common[@]}" --methods dpf pf --q 0.5 \
+  $PY experiments/bench_dpf.py "${common[@]}" --methods dpf pf \
     --jobs $(( JOBS * 8 / 15 > 0 ? JOBS * 8 / 15 : 1 )) --tag "_global$TAG" &
-  $PY experiments/bench_dpf.py "${common[@]}" --methods ldpf --q 0.15 \
+  $PY experiments/bench_dpf.py "${common[@]}" --methods ldpf \
     --jobs $(( JOBS * 3 / 15 > 0 ? JOBS * 3 / 15 : 1 )) --tag "_local$TAG" &
-  $PY experiments/bench_dpf.py "${common[@]}" --methods "${kf[@]}" --q 0.0 \
+  $PY experiments/bench_dpf.py "${common[@]}" --methods "${kf[@]}" \
     --jobs $(( JOBS * 4 / 15 > 0 ? JOBS * 4 / 15 : 1 )) --tag "_kf$TAG" &
   wait
 done

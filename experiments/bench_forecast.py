@@ -14,9 +14,9 @@ persistence (each member keeps its IC) and climatology (16 states drawn from a
 long independent run, the same at every lead).
 
 Metrics per lead, pooled over ICs, seeds and grid points: RMSE of the ensemble
-mean, fair CRPS (Ferro 2014) and spread/skill = sqrt(mean unbiased ensemble
-variance) / RMSE. Prints a markdown table and writes it with a PNG of the curves
-to ``experiments/results/``.
+mean, fair CRPS (Ferro 2014; ``assim.metrics.crps_ensemble``) and spread/skill =
+sqrt(mean unbiased ensemble variance) / RMSE. Prints a markdown table and writes
+it with a PNG of the curves to ``experiments/results/``.
 
 Usage: ``python experiments/bench_forecast.py [--quick] [--world CKPT] [--q 0.0]``
 """
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import models
+from assim.metrics import crps_ensemble
 from models.physics import Lorenz96
 from models.worlds.physical import physical_world
 
@@ -40,20 +41,11 @@ RESULTS = ROOT / "experiments" / "results"
 MEMBERS, SIGMA_A, DT = 16, 0.2, 0.05
 
 
-def crps_fair(ens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fair ensemble CRPS, ``ens`` ``(M, ...)``, ``y`` ``(...)``: ``mean|X - y| -
-    sum_{i,j}|X_i - X_j| / (2 M (M - 1))`` (Ferro 2014), elementwise."""
-    m = ens.shape[0]
-    skill = (ens - y).abs().mean(0)
-    pair = (ens[:, None] - ens[None]).abs().sum((0, 1)) / (2 * m * (m - 1))
-    return skill - pair
-
-
 def metrics(fc: torch.Tensor, truth: torch.Tensor) -> dict[str, np.ndarray]:
     """``fc`` ``(B, M, L, n)``, ``truth`` ``(B, L, n)`` -> per-lead arrays ``(L,)``."""
     err2 = ((fc.mean(1) - truth) ** 2).mean((0, 2))
     var = fc.var(1, unbiased=True).mean((0, 2))
-    crps = crps_fair(fc.transpose(0, 1), truth).mean((0, 2))
+    crps = crps_ensemble(fc, truth, member_dim=1).mean((0, 2))
     rmse = err2.sqrt()
     return {"rmse": rmse.numpy(), "crps": crps.numpy(), "spread_skill": (var.sqrt() / rmse).numpy()}
 
@@ -156,7 +148,8 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for name, m in res["per_lead"].items():
         for ax, k in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
-            ax.plot(lead, m[k], label=name)
+            style = dict(ls="--", lw=2.5, zorder=3) if name == "world" else {}
+            ax.plot(lead, m[k], label=name, **style)
     for ax, title in zip(
         axes, ("RMSE of ensemble mean", "fair CRPS", "spread / skill"), strict=True
     ):

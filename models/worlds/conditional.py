@@ -112,7 +112,8 @@ class Conditional(nn.Module):
         self.register_buffer("cal_log_ratio", torch.zeros(_N_CAL))
         self.register_buffer("cal_mse", torch.full((_N_CAL,), float("nan")))
         self.meta: dict = {}
-        self.configure(sampler=spec.sampler, steps=spec.steps, eta=spec.eta, q=spec.q)
+        self.sampler_kind, self.steps, self.eta, self.q = spec.sampler, spec.steps, spec.eta, spec.q
+        self.configure()
 
     # ------------------------------------------------------------------ set-up
     def configure(
@@ -122,13 +123,13 @@ class Conditional(nn.Module):
         eta: float | None = None,
         q: float | None = None,
     ) -> Conditional:
-        """Change inference options in place (no retraining); returns ``self``."""
-        self.sampler_kind = (
-            sampler if sampler is not None else getattr(self, "sampler_kind", "ddpm")
-        )
-        self.eta = float(eta) if eta is not None else getattr(self, "eta", 1.0)
-        self.steps = int(steps) if steps is not None else getattr(self, "steps", 5)
-        self.q = float(q) if q is not None else getattr(self, "q", 0.0)
+        """Change inference options in place (``None`` keeps the current value; no
+        retraining) and rebuild the sampler; returns ``self``."""
+        if sampler is not None:
+            self.sampler_kind = sampler
+        self.steps = int(self.steps if steps is None else steps)
+        self.eta = float(self.eta if eta is None else eta)
+        self.q = float(self.q if q is None else q)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.q < 0:
@@ -286,6 +287,12 @@ class ConditionalChain:
         t_min = 0.0
         if world.q > 0:
             ratio = world.q / float(self.s.pow(2).mean().sqrt())
+            r_lo, r_hi = (float(sched.sigma_ratio(t)) for t in (0.0, 1.0))
+            if not r_lo <= ratio < r_hi:
+                raise ValueError(
+                    f"model-error level q={world.q} is {ratio:.3g} in normalised units, outside "
+                    f"the schedule's noise range [{r_lo:.3g}, {r_hi:.3g})"
+                )
             t_min = float(sched.t_of_sigma_ratio(ratio))
         self.times = world.sampler.timesteps(world.steps, t_min, device=dev)
         alpha, sigma = sched(self.times)

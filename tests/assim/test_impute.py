@@ -211,3 +211,14 @@ def test_replacement_inpainting_independent_prior_matches_marginal(gen) -> None:
     m, v = out[:, [0, 2]].mean(0), out[:, [0, 2]].var(0)
     assert torch.all((m - mu[[0, 2]]).abs() < 5 * (var[[0, 2]] / n).sqrt())
     assert torch.all((v - var[[0, 2]]).abs() < var[[0, 2]] * (5 * (2 / n) ** 0.5 + 0.03))
+
+
+def test_season_index_monthly_and_annual() -> None:
+    from assim.impute import season_index
+
+    monthly = xr.DataArray(xr.date_range("2000-01-01", periods=30, freq="MS"), dims="time")
+    g, n = season_index(monthly)
+    assert n == 12 and list(g[:13]) == list(range(12)) + [0]
+    annual = xr.DataArray(xr.date_range("2000-01-01", periods=30, freq="YS"), dims="time")
+    g, n = season_index(annual)
+    assert n == 1 and not g.any()

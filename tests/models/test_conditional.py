@@ -196,3 +196,9 @@ def test_shipped_checkpoints_learned_the_step_and_q_adds_in_quadrature(name, gen
     eq = float(((world.configure(q=q).step(x, gen(1)) - y) ** 2).mean().sqrt())
     expected = math.sqrt(e0**2 + q**2)
     assert abs(eq / expected - 1) < 4 * math.sqrt(1 / (2 * y.numel()))
+
+
+def test_q_outside_the_schedule_range_is_refused(device):
+    world = small_world(device, q=1e5)
+    with pytest.raises(ValueError, match="q=100000.0.*noise range"):
+        world.transition_sampler(torch.zeros(2, N_GRID, device=device))

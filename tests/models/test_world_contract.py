@@ -57,7 +57,27 @@ def _world_models_ii(kind):  # DYffusion, Rolling, FunctionSpace (tiny, untraine
     return make
 
 
-WORLDS = {"physical": _physical, "linear_gaussian": _linear_gaussian, "conditional": _conditional}
+def _conditional_2d(device):
+    """Any grid shape: a 6 x 10 periodic field with a U-Net and the state target."""
+    torch.manual_seed(0)
+    spec = ConditionalSpec(
+        state_shape=(6, 10),
+        dt=0.2,
+        target="state",
+        backbone="unet2d",
+        backbone_kwargs=dict(width=8, mults=[1]),
+        steps=2,
+        dims=("y", "x"),
+    )
+    return Conditional(spec).to(device).eval()
+
+
+WORLDS = {
+    "physical": _physical,
+    "linear_gaussian": _linear_gaussian,
+    "conditional": _conditional,
+    "conditional_2d": _conditional_2d,
+}
 WORLDS.update({k: _world_models_ii(k) for k in ("dyffusion", "rolling", "function_space")})
 
 
