@@ -70,6 +70,12 @@ class ObsSpace:
             raise InputError(f"guidance needs Gaussian or Student-t noise, got {noise!r}")
         self.diagonal = disjoint and self.R is None
 
+    def _need_diagonal(self) -> None:
+        raise InputError(
+            "per-observation (localised) weights need a diagonal R and an operator whose "
+            "rows do not overlap (identity, subset, coarsen, pointwise of those)"
+        )
+
     # -- the operator and its pointwise derivative ---------------------------------------
     def h_and_slope(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """``h(x)`` ``(N, m)`` and ``a = f'(H x)`` ``(N, m)`` (``None`` when linear)."""
@@ -119,10 +125,7 @@ class ObsSpace:
             lp = -0.5 * (r * r / cov + torch.log(cov) + _LOG_2PI)
             return lp if per_obs else lp.sum(-1)
         if per_obs:
-            raise InputError(
-                "per-observation (localised) weights need a diagonal R and an operator "
-                "whose rows do not overlap (identity, subset, coarsen, pointwise of those)"
-            )
+            self._need_diagonal()
         L = torch.linalg.cholesky(cov)
         z = torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=False).squeeze(-1)
         logdet = 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
@@ -147,7 +150,7 @@ class ObsSpace:
         if not per_obs:
             return self.obs.log_likelihood(y, x)
         if not self.diagonal:
-            self.logpdf(y, y, per_obs=True)  # raises the explanatory error
+            self._need_diagonal()
         r = y - self.h_and_slope(x)[0]
         noise = self.obs.noise
         if isinstance(noise, StudentTNoise):

@@ -366,17 +366,27 @@ def main(argv: list[str] | None = None) -> int:
         ns = [40] if kf else ([64] if method in ("ldpf", "pf") else args.ns)
         ns = ([40] if kf else args.ns) if args.quick else ns
         jobs += [(args.setting, method, n, s, args) for n in ns for s in args.seeds]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_dpf_{args.setting}{'_quick' if args.quick else ''}{args.tag}"
+    partial = RESULTS / (stem + ".partial.jsonl")  # one line per finished run
+    partial.write_text("")
+    rows = []
     if args.jobs > 1:
         from multiprocessing import get_context
 
         with get_context("spawn").Pool(args.jobs) as pool:
-            rows = pool.map(_job, jobs)
+            for row in pool.imap_unordered(_job, jobs):
+                rows.append(row)
+                with partial.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     else:
-        rows = [_job(j) for j in jobs]
+        for job in jobs:
+            rows.append(_job(job))
+            with partial.open("a") as fh:
+                fh.write(json.dumps(rows[-1]) + "\n")
     table = summarise(rows, args.setting)
     print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_dpf_{args.setting}{'_quick' if args.quick else ''}{args.tag}"
+    partial.unlink()
     for suffix, text in ((".md", table + "\n"), (".json", json.dumps(rows, indent=1))):
         tmp = RESULTS / (stem + suffix + ".tmp")
         tmp.write_text(text)

@@ -85,7 +85,14 @@ class DiffusionParticleFilter(Filter):
             f"inner_threshold={self.inner_threshold}, scheme={self.scheme!r})"
         )
 
-    def analysis(self, ensemble, y, obs, generator=None):  # noqa: D102
+    def analysis(
+        self,
+        ensemble: Ensemble,
+        y: Tensor,
+        obs: Any,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Ensemble, dict[str, Any]]:
+        """Not available: the proposal is the guided world step, so use :meth:`cycle`."""
         raise NotImplementedError(
             "the diffusion particle filter fuses forecast and analysis: call cycle()"
         )
@@ -173,16 +180,16 @@ class DiffusionParticleFilter(Filter):
             "collapsed": False,
             "biased": self.twist == "dps_only",
         }
-        space, y_obs = (None, None) if y is None else self._space(obs, y, x_k)
-        if space is None:
+        if y is None or bool(torch.isnan(torch.as_tensor(y)).all()):
             x = world.step(x_k, generator=generator)
             info.update(ess=float(ess(log_w)), min_inner_ess=math.nan, log_z=0.0, skipped=True)
             w = self._weights(log_w, n, None)
             return x, self._final_log_w(w), info
         chain = world.transition_sampler(x_k)
-        guide = Guide(chain, space, y_obs, self.twist, self.dps_scale, per_obs=self.local)
-        w = self._weights(log_w, n, space)
         x = chain.init(generator)
+        space, y_obs = self._space(obs, y, x)  # in the chain's dtype (a world may cast)
+        guide = Guide(chain, space, y_obs, self.twist, self.dps_scale, per_obs=self.local)
+        w = self._weights(log_w.to(x.dtype), n, space)
         log_z, min_inner, j_next = 0.0, math.inf, 0
         try:
             log_z += self._add(w, guide.start(x), n, x)
@@ -233,10 +240,20 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
     ``radius`` (finite) selects the localised filter (``periodic``, ``cutoff``);
     ``steps`` / ``q`` reconfigure the world's chain when it has ``configure`` (the
     learned :class:`~models.worlds.conditional.Conditional` world); the other options go
-    to :class:`DiffusionParticleFilter` (``twist``, ``ess_threshold``,
-    ``inner_threshold``, ``scheme``, ``dps_scale``). ``None`` values are ignored.
+    to :class:`DiffusionParticleFilter` (``twist``, ``ess_threshold`` -- alias
+    ``threshold`` --, ``inner_threshold``, ``scheme`` -- alias ``resample`` --,
+    ``dps_scale``). ``None`` values are ignored; unknown options raise
+    :class:`InputError`.
     """
     opts = {k: v for k, v in options.items() if v is not None}
+    for alias, name in (("threshold", "ess_threshold"), ("resample", "scheme")):
+        if alias in opts:
+            opts[name] = opts.pop(alias)
+    allowed = {"twist", "ess_threshold", "inner_threshold", "scheme", "dps_scale", "radius",
+               "periodic", "cutoff", "steps", "q"}  # fmt: skip
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise InputError(f"method dpf does not take option(s) {bad}; allowed {sorted(allowed)}")
     chain_opts = {k: opts.pop(k) for k in ("steps", "q") if k in opts}
     if chain_opts:
         if world is None or not hasattr(world, "configure"):

@@ -34,6 +34,11 @@ Oracles (``oracles.py``): ``GaussianDenoiser(mu (*S), Sigma (D, D), schedule, A=
 ``p(x_{k+1} | x_k) = N(A x_k + b, Q)``; also ``posterior_cov(t)``, ``sample_x0(n, gen, cond)``)
 and ``GaussianMixtureDenoiser(weights (K,), mus (K, *S), Sigmas (K, D, D), schedule)``
 (``responsibilities(x_t, t) -> (B, K)``, ``sample_x0(n, gen) -> (x0, labels)``).
+``chain_moments(sampler, dim, steps, t_min, t_max, return_x0)``: exact mean/covariance of a
+sampler run on an affine (Gaussian) oracle, i.e. its discretisation error without MC noise.
+
+ODE samplers (Heun, DDIM(0)) keep the bias of the zero-mean prior ``N(0, prior_std^2)`` when
+the data mean is not 0 (stochastic samplers forget it); pass ``x_init`` to start elsewhere.
 """
 
 from models.diffusion.denoisers import Denoiser

@@ -139,7 +139,7 @@ class FunctionSpace(Conditional):
         super().set_normalisation(glob)
 
     def regrid(self, shape: tuple[int, ...]) -> FunctionSpace:
-        """The same model (shared weights) on a grid ``shape`` of the same physical domain."""
+        """The same model (weights copied) on a grid ``shape`` of the same physical domain."""
         spec = dataclasses.replace(self.spec, state_shape=tuple(int(n) for n in shape))
         other = FunctionSpace(spec).to(self.state_mean.device)
         sd = {}

@@ -101,7 +101,14 @@ def test_demo_writes_netcdf_and_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG
     with xr.open_dataset(nc) as ds:
         assert ds["state"].shape == (40, 40)
-    assert sorted(p.name for p in out.iterdir()) == ["l96_truth.nc", "l96_truth.png"]
+    # the nightly-cycle step: three consecutive cycle folders, each complete
+    cycles = sorted(p.name for p in (out / "cycles").iterdir() if not p.name.startswith("."))
+    assert [c for c in cycles if c[0].isdigit()] == ["20261124T00", "20261125T00", "20261126T00"]
+    for c in ("20261124T00", "20261125T00", "20261126T00"):
+        folder = out / "cycles" / c
+        assert f"wrote {folder / 'analysis.nc'}" in printed
+        assert (folder / "quicklook.png").read_bytes()[:8] == PNG
+        assert (folder / "record.json").is_file()
 
 
 # ------------------------------------------------------------------- plotting

@@ -19,10 +19,13 @@ def _direct_covariance(gp: MaternGP, shape: tuple[int, ...]) -> torch.Tensor:
     wave vectors (an independent path to the FFT implementation)."""
     spec = gp.spectrum(shape).flatten()
     freqs = [
-        torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64) / L for n, L in zip(shape, gp.lengths)
+        torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64) / L
+        for n, L in zip(shape, gp.lengths, strict=True)
     ]
     k = torch.stack([g.flatten() for g in torch.meshgrid(*freqs, indexing="ij")], 1)  # (K, d)
-    pos = [torch.arange(n, dtype=torch.float64) * L / n for n, L in zip(shape, gp.lengths)]
+    pos = [
+        torch.arange(n, dtype=torch.float64) * L / n for n, L in zip(shape, gp.lengths, strict=True)
+    ]
     x = torch.stack([g.flatten() for g in torch.meshgrid(*pos, indexing="ij")], 1)  # (D, d)
     phase = 2 * math.pi * (x @ k.T)  # (D, K)
     return (phase.cos() * spec) @ phase.cos().T + (phase.sin() * spec) @ phase.sin().T
@@ -140,7 +143,9 @@ def test_regrid_shares_weights_and_round_trips(tmp_path, gen):
     world.set_normalisation(dict(state_mean=1.0, state_std=2.0, target_mean=0.0, target_std=0.5))
     fine = world.regrid((16, 16))
     assert fine.state_shape == (16, 16) and fine.gp.lengths == world.gp.lengths
-    for (name, p), q in zip(world.denoiser.named_parameters(), fine.denoiser.parameters()):
+    for (name, p), q in zip(
+        world.denoiser.named_parameters(), fine.denoiser.parameters(), strict=True
+    ):
         torch.testing.assert_close(p, q, msg=name)
     assert float(fine.target_std.flatten()[0]) == 0.5
     assert fine.forecast(torch.zeros(16, 16), 2, members=3, generator=gen(0)).shape == (

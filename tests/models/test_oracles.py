@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.diffusion.oracles import GaussianDenoiser, GaussianMixtureDenoiser
-from models.diffusion.samplers import DDPM, DDIM
+from models.diffusion.samplers import DDIM, DDPM
 from models.diffusion.schedules import EDM, CosineVP, LinearVP
 
 F64 = torch.float64

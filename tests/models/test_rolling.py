@@ -110,6 +110,7 @@ def test_training_loss_rejects_wrong_window():
         _world("cpu").training_loss(torch.zeros(2, 2, N), torch.zeros(2, N))
 
 
+@pytest.mark.slow  # Lightning start-up (~10 s on the first call)
 @pytest.mark.parametrize(
     "kind,world_kwargs,backbone",
     [

@@ -48,9 +48,9 @@ def mc_z_scores_exact(m, c, mu, sigma, n):
 # (sampler factory, steps). Tolerance: the sample error is bias + MC error. The steps are
 # chosen so that the exact discretisation bias (computed by ``chain_moments`` and asserted
 # in the test) is below 1 MC s.e. at N = 4096; the MC part is then ~N(0, 1) per entry and
-# the test fails only if some |z_MC| > 3 (P ~ 0.3% per entry; d = 16 has 152 entries, so the
-# fixed seed was checked once, and a wrong sampler, e.g. a variance off by 5%, gives
-# z ~ 5% / sqrt(2 / 4096) = 2.3 on every diagonal entry plus bias and fails).
+# the test fails only if some |z_MC| > 3 (P ~ 0.3% per entry; the fixed seeds make the
+# outcome deterministic). Power: inflating every DDPM step's variance by 10% gives
+# max z_cov ~ 5-6 at d = 2 and 16 and fails (checked by hand).
 CASES = {
     "ddpm": (lambda den: DDPM(den), 256),
     "ddim0": (lambda den: DDIM(den, eta=0.0), 256),
