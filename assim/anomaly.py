@@ -11,9 +11,10 @@ and a :class:`~assim.impute.FieldPrior`; scores are ``(T, P)``, larger = more an
   with ``Q = S^{-1}`` (Rasmussen & Williams eq. 5.12), (iii) the leave-block-out
   Mahalanobis distance of the 3x3 neighbourhood, ``(Qr)_B^T Q_BB^{-1} (Qr)_B ~
   chi2_|B|`` (LOO residuals winsorised at 2.5 sd so that one spike does not flag its
-  neighbours), (iv) a *typicality* p-value of the increment ``d = z_k - z_{k-1}``,
-  ``P(|d_i| <= |d_obs|)`` (Nalisnick et al. 2019): a frozen field or a stuck sensor is
-  too likely under the model, not too unlikely, and (v) the marginal standardised
+  neighbours), (iv) a *typicality* p-value of the raw increment ``D = x_k - x_{k-1}``
+  (its mean is the change of climatology), ``P(|D_i| <= |d_obs|)`` (Nalisnick et al.
+  2019): a frozen field or a stuck sensor is too likely under the model, not too
+  unlikely, and (v) the marginal standardised
   anomaly ``z_i / sqrt(Sigma_ii)``. The score is ``-log10`` of the smallest p-value
   times the number of tests (Bonferroni); thresholds are set on clean data anyway.
 - :func:`imputation_scores` -- ImDiffusion-style (Chen et al. 2023): hide one of
@@ -128,9 +129,15 @@ def evidence_scores(
             logs.append(_block_log10p(q, qr_w, nb))
         if not first:  # marginal standardised anomaly (the innovation's for k = 0)
             logs.append(_two_sided_log10p(z[ks] / torch.diagonal(sig).sqrt()))
-            d = (z[ks] - z[[k - 1 for k in ks]]).abs()
-            p_small = torch.special.erf(d / (inc_var.sqrt() * _SQRT2)).clamp_min(1e-300)
-            logs.append(p_small.log10())
+            # raw increment x_k - x_{k-1} ~ N(m_k - m_{k-1}, s^2 inc_var) (in units of s):
+            # P(|D| <= |d_obs|), zero for an exact repeat whatever the seasonal change
+            prev = [k - 1 for k in ks]
+            d = ((values[ks] - values[prev]).double() / prior.clim_std).abs()
+            g = groups.long()
+            mu = (prior.clim_mean[g[ks]] - prior.clim_mean[g[prev]]) / prior.clim_std
+            sd = inc_var.sqrt()
+            p_small = torch.special.ndtr((d - mu) / sd) - torch.special.ndtr((-d - mu) / sd)
+            logs.append(p_small.clamp_min(1e-300).log10())
         lp = torch.stack(logs).min(0).values + math.log10(len(logs))
         out[ks] = -lp.clamp_max(0.0)
     return out

@@ -215,10 +215,18 @@ def table(rows: list[dict]) -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    agg = df.groupby(["dataset", "mask", "method"], sort=False)[["crps", "rmse", "cov"]].mean()
-    lines = ["| dataset | mask | method | CRPS | RMSE | 90% cov |", "|---|---|---|---|---|---|"]
+    if "time" not in df:
+        df["time"] = np.nan
+    cols = ["crps", "rmse", "cov", "time"]
+    agg = df.groupby(["dataset", "mask", "method"], sort=False)[cols].mean()
+    lines = [
+        "| dataset | mask | method | CRPS | RMSE | 90% cov | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (d, m, meth), r in agg.iterrows():
-        lines.append(f"| {d} | {m} | {meth} | {r.crps:.4f} | {r.rmse:.4f} | {r['cov']:.3f} |")
+        lines.append(
+            f"| {d} | {m} | {meth} | {r.crps:.4f} | {r.rmse:.4f} | {r['cov']:.3f} | {r.time:.1f} |"
+        )
     return "\n".join(lines)
 
 
