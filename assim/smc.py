@@ -39,6 +39,7 @@ __all__ = [
     "WeightCollapse",
     "ess",
     "get_resampler",
+    "local_systematic",
     "maybe_resample",
     "multinomial",
     "normalize",
@@ -129,6 +130,19 @@ def systematic(log_w: Tensor, n: int, generator: torch.Generator | None = None) 
     """A single uniform shifted through the strata: ``u_j = (j + U) / n``."""
     w = _weights(log_w)
     return _inverse_cdf(w, _u(w, n, generator, "systematic"))
+
+
+def local_systematic(log_w: Tensor, u: Tensor) -> Tensor:
+    """Systematic resampling of every row of ``log_w`` ``(L, N)`` with one *shared*
+    uniform ``u`` (a tensor with one element): ancestors ``(L, N)``, row ``l`` drawn at
+    ``(j + u) / N``, ``j = 0..N-1``. Row by row this is exactly :func:`systematic` given
+    that uniform; sharing it makes neighbouring grid points with similar weights pick the
+    same ancestors (local particle filters: Poterjoy 2016; Farchi & Bocquet 2018)."""
+    w = _weights(log_w)
+    n = w.shape[-1]
+    u = torch.as_tensor(u, device=w.device, dtype=w.dtype).reshape(1)
+    pos = (torch.arange(n, device=w.device, dtype=w.dtype) + u) / n
+    return _inverse_cdf(w, pos.expand(*w.shape[:-1], n))
 
 
 def residual(log_w: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -121,50 +121,6 @@ class _ExactChain:
         return self.w.q**2 / self.c[j]
 
 
-class _NoiseVarChain:
-    """Adds ``noise_var(j) = (s r_j)^2`` (the state-space noise variance) to a
-    :class:`ConditionalChain`, for the Tweedie slope of the twisted proposal."""
-
-    def __init__(self, chain) -> None:
-        self._c = chain
-
-    def __getattr__(self, name):
-        return getattr(self._c, name)
-
-    def noise_var(self, j):
-        return (self._c.s * self._c.ratio[j]) ** 2
-
-
-class _LearnedWorld:
-    """The checkpoint world with ``noise_var`` on its chains (if it lacks it) and a
-    one-entry memo on its denoiser: the guided filter evaluates ``D(x_t)`` for the twist
-    and the sampler's kernel evaluates it again on the same input (same ``t``, same
-    ``cond`` object, bitwise-equal ``z``), so the memo halves the network calls."""
-
-    def __init__(self, world) -> None:
-        self.w = world
-        self.state_shape, self.dt = world.state_shape, world.dt
-        den, forward, memo = world.denoiser, world.denoiser.forward, {}
-
-        def cached(z, t, cond=None):
-            if torch.is_grad_enabled() and z.requires_grad:  # DPS gradients: no memo
-                return forward(z, t, cond)
-            key = (float(torch.as_tensor(t).reshape(-1)[0]), id(cond), tuple(z.shape))
-            hit = memo.get("key") == key and torch.equal(memo["z"], z)
-            if not hit:
-                memo.update(key=key, z=z.detach().clone(), out=forward(z, t, cond), cond=cond)
-            return memo["out"]
-
-        den.forward = cached
-
-    def transition_sampler(self, cond):
-        chain = self.w.transition_sampler(cond)
-        return chain if hasattr(chain, "noise_var") else _NoiseVarChain(chain)
-
-    def step(self, x, generator=None):
-        return self.w.step(x, generator)
-
-
 def truth_and_obs(setting: str, cycles: int, seed: int):
     cfg = SETTINGS[setting]
     phys = physical_world("l96")
@@ -215,10 +171,9 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     elif args.world == "learned":
         import models
 
-        base = models.load(str(CKPT), device="cpu")
-        base.configure(steps=args.steps, q=q)
-        base.eval()
-        world = _LearnedWorld(base)
+        world = models.load(str(CKPT), device="cpu")
+        world.configure(steps=args.steps, q=q)
+        world.eval()
     else:
         world = ExactModelErrorWorld(physical_world("l96"), max(q, 0.05), args.steps)
     g = torch.Generator().manual_seed(1000 + seed)

@@ -42,22 +42,9 @@ from assim.filters.letkf import local_taper
 from assim.guidance import Guide, Increment, ObsSpace
 from assim.obs import _grid
 from assim.rng import rand
-from assim.smc import ess, normalize, reweight
+from assim.smc import ess, local_systematic, normalize, reweight
 
-__all__ = ["LocalDiffusionParticleFilter", "local_systematic"]
-
-
-def local_systematic(log_w: Tensor, u: Tensor) -> Tensor:
-    """Systematic resampling of every row of ``log_w`` ``(L, N)`` with the *same* uniform
-    ``u`` (shape ``(1,)``): ancestors ``(L, N)`` with ``C_{l, i-1} <= (j + u)/N < C_{l, i}``.
-    Row by row this is exactly :func:`assim.smc.systematic` given that uniform."""
-    w = normalize(log_w)[0].exp().double()
-    c = torch.cumsum(w, -1)
-    c = c / c[:, -1:]
-    n = log_w.shape[-1]
-    pos = (torch.arange(n, device=w.device, dtype=torch.float64) + u.to(w.device)) / n
-    idx = torch.searchsorted(c, pos.expand(c.shape[0], n).contiguous(), right=True)
-    return idx.clamp_max(n - 1)
+__all__ = ["LocalDiffusionParticleFilter"]
 
 
 class _Taper:

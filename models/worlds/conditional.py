@@ -35,6 +35,7 @@ support the default ``h = 1`` (their particles are single states).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -273,12 +274,45 @@ class Conditional(nn.Module):
         return torch.stack(out, 1)
 
 
+class _MemoDenoiser:
+    """The world's denoiser with a one-entry memo (per chain).
+
+    A guided filter evaluates ``D(z_t, t_j)`` for its twist (:meth:`ConditionalChain.denoise`)
+    and the sampler's kernel evaluates it again on the same input; the memo returns the
+    stored output when ``t``, ``cond`` and ``z`` (bitwise, ``torch.equal``) all match, so
+    results are bit-identical to recomputing. Inputs that require a gradient (DPS) bypass
+    the memo."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.den = denoiser
+        self.schedule = denoiser.schedule
+        self.sigma_data = getattr(denoiser, "sigma_data", 1.0)
+        self._key: tuple | None = None
+        self._z: Tensor | None = None
+        self._out: Tensor | None = None
+
+    def __call__(self, z: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled() and z.requires_grad:
+            return self.den(z, t, cond)
+        key = (float(torch.as_tensor(t).reshape(-1)[0]), id(cond), tuple(z.shape), z.dtype)
+        if key == self._key and torch.equal(z, self._z):
+            return self._out
+        out = self.den(z, t, cond)
+        self._key, self._z, self._out = key, z.detach(), out.detach()
+        return out
+
+
 class ConditionalChain:
-    """One physical step as a diffusion chain in state space (``TransitionChain``)."""
+    """One physical step as a diffusion chain in state space (``TransitionChain``).
+
+    The chain's sampler is a shallow copy of the world's whose denoiser carries a
+    one-entry memo (:class:`_MemoDenoiser`): :meth:`denoise` then :meth:`kernel` at the
+    same ``(x_t, j)`` runs the network once."""
 
     def __init__(self, world: Conditional, window: Tensor) -> None:
         self.world = world
-        self.sampler = world.sampler
+        self.sampler = copy.copy(world.sampler)
+        self.sampler.denoiser = self._den = _MemoDenoiser(world.denoiser)
         sched = world.denoiser.schedule
         dev, dt = window.device, window.dtype
         self.cond = world.encode_cond(window)
@@ -322,7 +356,13 @@ class ConditionalChain:
 
     def denoise(self, x_t: Tensor, j: int) -> Tensor:
         """``E[x_{k+1} | x_{t_j}] = o + s D(z_t, t_j, cond)``."""
-        return self.o + self.s * self.world.denoiser(self._to_z(x_t, j), self.times[j], self.cond)
+        return self.o + self.s * self._den(self._to_z(x_t, j), self.times[j], self.cond)
+
+    def noise_var(self, j: int) -> Tensor:
+        """State-space noise variance of ``x_{t_j}`` around the clean step ``x_{k+1}``:
+        ``x_t = o + s z_t / alpha_t = x_{k+1} + s r_t eps``, so ``(s r_{t_j})^2`` (shape
+        ``S``; at the last index it is the model-error variance ``q^2`` when ``q > 0``)."""
+        return (self.s * self.ratio[j]) ** 2
 
     def denoise_var(self, j: int) -> Tensor:
         """``s^2 r2(r_{t_j}) + q^2`` for ``j < J``; ``q^2`` at the last index (shape ``S``)."""

@@ -25,10 +25,9 @@ from scipy.stats import t as student_t
 from assim.errors import InputError
 from assim.filters.base import Ensemble
 from assim.filters.dpf import DiffusionParticleFilter, make_dpf
-from assim.filters.dpf_local import LocalDiffusionParticleFilter, local_systematic
+from assim.filters.dpf_local import LocalDiffusionParticleFilter
 from assim.filters.kalman import kalman_filter
 from assim.obs import Arctan, GaussianNoise, Identity, Linear, Observation, Subset
-from assim.smc import systematic
 from models.worlds.diffusion_lg import DiffusionLinearGaussian
 
 F64 = torch.float64
@@ -234,18 +233,6 @@ def test_local_with_infinite_radius_equals_global(twist, operator):
     torch.testing.assert_close(xb, xa, rtol=0, atol=1e-10)
     torch.testing.assert_close(lb, la[:, None].expand_as(lb), rtol=0, atol=1e-9)
     assert ib["log_z"] == pytest.approx(ia["log_z"], abs=1e-9)
-
-
-def test_local_systematic_rows_equal_smc_systematic():
-    g = torch.Generator().manual_seed(0)
-    log_w = torch.randn(5, 30, generator=g, dtype=F64)
-    u_gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    u = torch.rand((1,), generator=u_gen, dtype=F64)
-    idx = local_systematic(log_w, u)
-    for row in range(5):
-        ref = systematic(log_w[row], 30, torch.Generator().manual_seed(3))
-        assert torch.equal(idx[row], ref)
-    del ref_gen
 
 
 def test_local_filter_cycle_and_bad_input(device):

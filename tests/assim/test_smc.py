@@ -15,9 +15,11 @@ from assim.smc import (
     WeightCollapse,
     ess,
     get_resampler,
+    local_systematic,
     maybe_resample,
     normalize,
     reweight,
+    systematic,
 )
 
 W = torch.tensor([0.05, 0.30, 0.02, 0.23, 0.40], dtype=torch.float64)
@@ -136,3 +138,36 @@ def test_smc_evidence_is_unbiased_through_adaptive_resampling():
     r = torch.tensor(ratios)
     assert abs(float(r.mean()) - 1.0) < 4 * float(r.std()) / math.sqrt(len(r))
     assert float(r.std()) > 0
+
+
+def test_local_systematic_is_systematic_row_by_row_with_a_shared_uniform(device, gen):
+    # each row equals smc.systematic fed the same uniform (same generator seed)
+    log_w = torch.randn(7, N, generator=gen(0), dtype=torch.float64).to(device) * 2
+    log_w[3] = log_w[2]  # equal rows pick equal ancestors: the uniform is shared
+    for seed in range(5):
+        u = torch.rand((1,), generator=gen(seed), dtype=torch.float64)
+        idx = local_systematic(log_w, u)
+        assert idx.shape == (7, N)
+        for row in range(7):
+            assert torch.equal(idx[row], systematic(log_w[row], N, gen(seed))), (seed, row)
+        assert torch.equal(idx[2], idx[3])
+
+
+def test_local_systematic_is_unbiased(device, gen):
+    # E[count_{l,i}] = N w_{l,i} for each row over the uniform; REPS = 4000 uniforms, the
+    # mean count has s.e. sd / sqrt(REPS): 4 s.e. (+ slack for almost-deterministic counts)
+    reps = 4000
+    rows = torch.stack([W, W.flip(0), torch.full((N,), 1.0 / N, dtype=torch.float64)])
+    g = gen(5)
+    counts = torch.stack(
+        [
+            torch.nn.functional.one_hot(
+                local_systematic(rows.log().to(device), torch.rand(1, generator=g)).cpu(), N
+            ).sum(1)
+            for _ in range(reps)
+        ]
+    ).double()  # (reps, 3, N)
+    se = counts.std(0) / math.sqrt(reps)
+    assert bool(((counts.mean(0) - N * rows).abs() <= 4 * se + 1e-9).all())
+    wrong = torch.stack([W, W, W])  # the same statistic sees the wrong weights (rows 1, 2)
+    assert bool(((counts.mean(0) - N * wrong).abs() > 4 * se + 1e-9).any())
