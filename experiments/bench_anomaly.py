@@ -195,10 +195,16 @@ def table(rows) -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    agg = df.groupby(["dataset", "type", "method"], sort=False)[["auroc", "auprc", "f1"]].mean()
-    lines = ["| dataset | type | method | AUROC | AUPRC | best F1 |", "|---|---|---|---|---|---|"]
+    cols = ["auroc", "auprc", "f1", "time"]
+    agg = df.groupby(["dataset", "type", "method"], sort=False)[cols].mean()
+    lines = [
+        "| dataset | type | method | AUROC | AUPRC | best F1 | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (d, t, m), r in agg.iterrows():
-        lines.append(f"| {d} | {t} | {m} | {r.auroc:.3f} | {r.auprc:.3f} | {r.f1:.3f} |")
+        lines.append(
+            f"| {d} | {t} | {m} | {r.auroc:.3f} | {r.auprc:.3f} | {r.f1:.3f} | {r.time:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -55,9 +55,13 @@ from models.diffusion.kernel import GaussianKernel  # noqa: E402
 from models.worlds.physical import physical_world  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
-CKPT = ROOT / "models" / "checkpoints" / "l96.pt"
-CLIM_HALF = 1.8  # half the L96 climatological spread (3.63)
-X0_STD = math.sqrt(0.001)  # DAPPER's X0 = GaussRV(mu=(1, 0, ..., 0), C=0.001), truth and ensemble
+CKPTS = {name: ROOT / "models" / "checkpoints" / f"{name}.pt" for name in ("l96", "l63")}
+# DAPPER's initial conditions X0 (truth and ensemble): L96 GaussRV(mu=(1, 0, ..., 0), C=0.001),
+# L63 GaussRV(mu=(1.509, -1.531, 25.46), C=2)
+X0 = {
+    "l96": ([1.0] + [0.0] * 39, math.sqrt(0.001)),
+    "l63": ([1.509, -1.531, 25.46], math.sqrt(2.0)),
+}
 
 _REF_STD = "EnKF-sqrt N=40 0.177 · LETKF 0.215 · PF N=3000 0.249"
 SETTINGS = {
@@ -65,6 +69,8 @@ SETTINGS = {
     "l96-sparse": dict(op=lambda: Subset(every=4), sigma=1.0, every=1, ref="LETKF N=40 0.89-0.96"),
     "l96-sparse-long": dict(op=lambda: Subset(every=4), sigma=1.0, every=3, ref="LETKF 1.47-1.49"),
     "l96-arctan": dict(op=Arctan, sigma=0.05, every=2, ref="EnKF-sqrt 0.032 · LETKF 0.040"),
+    "l63-std": dict(op=Identity, sigma=math.sqrt(2.0), every=25, system="l63",
+                    ref="EnKF N=10 0.57 · PF N=100 0.38 · PF N=4000 0.26"),
 }  # fmt: skip
 
 
@@ -121,13 +127,22 @@ class _ExactChain:
         return self.w.q**2 / self.c[j]
 
 
+def system(setting: str) -> str:
+    return SETTINGS[setting].get("system", "l96")
+
+
+def x0_draw(setting: str, n: int, g: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    mu, std = X0[system(setting)]
+    mu = torch.tensor(mu, dtype=dtype)
+    return mu + std * torch.randn(n, len(mu), generator=g, dtype=dtype)
+
+
 def truth_and_obs(setting: str, cycles: int, seed: int):
+    """Truth ``(cycles, d)``, observations (NaN rows between observation times), obs."""
     cfg = SETTINGS[setting]
-    phys = physical_world("l96")
+    phys = physical_world(system(setting))
     g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(1, 40, dtype=torch.float64)
-    x[0, 0] = 1.0
-    x = x + X0_STD * torch.randn(1, 40, generator=g, dtype=torch.float64)
+    x = x0_draw(setting, 1, g, torch.float64)
     obs = Observation(cfg["op"](), GaussianNoise(std=cfg["sigma"]))
     xs, ys = [], []
     for k in range(cycles):
@@ -152,9 +167,9 @@ def make_method(name: str, n: int, args):
         filt = make_filter("letkf", inflation=args.letkf_infl, radius=args.letkf_radius)
         return filt, "true" if name.endswith("-true") else "diff"
     if name.startswith("etkf-true"):
-        return make_filter("etkf", inflation=1.02), "true"
+        return make_filter("etkf", inflation=args.etkf_infl), "true"
     if name.startswith("etkf"):
-        return make_filter("etkf", inflation=1.02), "diff"
+        return make_filter("etkf", inflation=args.etkf_infl), "diff"
     raise ValueError(name)
 
 
@@ -166,33 +181,37 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     q = args.q if args.q is not None else DEFAULT_Q.get(method, 0.0)
     truth, ys, obs = truth_and_obs(setting, args.cycles, seed)
     filt, kind = make_method(method, n, args)
+    sysname = system(setting)
     if kind == "true":
-        world = physical_world("l96")
+        world = physical_world(sysname)
     elif args.world == "learned":
         import models
 
-        world = models.load(str(CKPT), device="cpu")
+        world = models.load(str(CKPTS[sysname]), device="cpu")
         world.configure(steps=args.steps, q=q)
         world.eval()
     else:
-        world = ExactModelErrorWorld(physical_world("l96"), max(q, 0.05), args.steps)
+        world = ExactModelErrorWorld(physical_world(sysname), max(q, 0.05), args.steps)
+    # divergence: rmse.a above half the climatological spread (from the truth itself)
+    clim_half = 0.5 * float(truth.var(0).mean().sqrt())
     g = torch.Generator().manual_seed(1000 + seed)
-    x0 = torch.zeros(n, 40)
-    x0[:, 0] = 1.0
-    ens = Ensemble(x0 + X0_STD * torch.randn(n, 40, generator=g))
+    ens = Ensemble(x0_draw(setting, n, g))
+    analysed = []  # analysis steps (an observation was assimilated): DAPPER's rmse.a
     err, spread, ess_list, inner_list, ranks_e, ranks_y = [], [], [], [], [], []
     t0 = time.time()
     with torch.no_grad():
         for k in range(args.cycles):
             y = ys[k]
+            analysed.append(not bool(torch.isnan(y).all()))
             ens, info = filt.cycle(world, ens, None if torch.isnan(y).all() else y, obs, g)
             m = ens.mean()
             err.append(float(((m - truth[k]) ** 2).mean().sqrt()))
             spread.append(float(ens.var().clamp_min(0).mean().sqrt()))
-            ess_list.append(float(info.get("ess", n)))
-            inner = info.get("min_inner_ess", math.nan)
-            inner_list.append(float(inner) if inner is not None else math.nan)
-            if k >= args.burn and k % 5 == 0:
+            if analysed[-1]:
+                ess_list.append(float(info.get("ess", n)))
+                inner = info.get("min_inner_ess", math.nan)
+                inner_list.append(float(inner) if inner is not None else math.nan)
+            if k >= args.burn and analysed[-1] and len(ess_list) % 5 == 0:
                 idx = systematic(ens.log_w, n, g)  # equally weighted members for ranks
                 ranks_e.append(ens.x[idx])
                 ranks_y.append(truth[k])
@@ -203,9 +222,10 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
                 msg = f"{setting} {method} N={n} seed={seed} cycle {k + 1}: rmse {err[-1]:.3f}"
                 print(f"{msg} ({rate:.1f} cycles/s)", file=sys.stderr, flush=True)
     secs = time.time() - t0
-    e = torch.tensor(err[args.burn :])
+    keep = [k for k in range(args.burn, len(err)) if analysed[k]]
+    e = torch.tensor([err[k] for k in keep])
     rmse_a = float(e.mean()) if len(e) else math.nan
-    sp = float(torch.tensor(spread[args.burn :]).mean()) if len(e) else math.nan
+    sp = float(torch.tensor([spread[k] for k in keep]).mean()) if len(e) else math.nan
     p = math.nan
     if ranks_e:
         p = float(rank_histogram(torch.stack(ranks_e, 1), torch.stack(ranks_y)).pvalue)
@@ -213,8 +233,9 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         setting=setting, method=method, n=n, seed=seed, rmse_a=rmse_a, spread=sp,
         spread_skill=sp / rmse_a if rmse_a > 0 else math.nan, rank_p=p,
         mean_ess=sum(ess_list) / max(1, len(ess_list)),
-        mean_min_inner_ess=_nanmean(inner_list), cycles_per_s=len(err) / secs,
-        diverged=bool(not math.isfinite(rmse_a) or rmse_a > CLIM_HALF), cycles=len(err),
+        mean_min_inner_ess=_nanmean(inner_list), cycles_per_s=sum(analysed) / secs,
+        diverged=bool(not math.isfinite(rmse_a) or rmse_a > clim_half), cycles=len(err),
+        analysis_cycles=sum(analysed), steps_per_s=len(err) / secs,
         world=args.world if kind == "diff" else "true", steps=args.steps, q=q,
         rmse_series=err[:: max(1, len(err) // 200)],
     )  # fmt: skip
@@ -301,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", type=float, default=0.5, help="inner resampling threshold")
     p.add_argument("--letkf-radius", type=float, default=3.0)
     p.add_argument("--letkf-infl", type=float, default=1.05)
+    p.add_argument("--etkf-infl", type=float, default=1.02)
+    p.add_argument("--ldpf-ns", nargs="+", type=int, default=[64], help="N of ldpf/pf")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--progress", type=int, default=0, help="print every K cycles (stderr)")
@@ -309,16 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.cycles, args.burn, args.seeds = 100, 25, [0]
         args.ns, args.methods = [16], ["dpf", "ldpf", "etkf-true"]
-        if not CKPT.exists():
+        if not CKPTS["l96"].exists():
             args.world = "exact"
     args.burn = min(args.burn, args.cycles // 4)
-    if args.world == "learned" and not CKPT.exists():
-        print(f"no checkpoint at {CKPT}; use --world exact", file=sys.stderr)
+    ckpt = CKPTS[system(args.setting)]
+    if args.world == "learned" and not ckpt.exists():
+        print(f"no checkpoint at {ckpt}; use --world exact", file=sys.stderr)
         return 2
     jobs = []
     for method in args.methods:
         kf = method.startswith(("etkf", "letkf"))
-        ns = [40] if kf else ([64] if method in ("ldpf", "pf") else args.ns)
+        ns = [40] if kf else (args.ldpf_ns if method in ("ldpf", "pf") else args.ns)
         ns = ([40] if kf else args.ns) if args.quick else ns
         jobs += [(args.setting, method, n, s, args) for n in ns for s in args.seeds]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,27 @@ the analysis mean/std, spread, ESS, log-evidence increments, skipped/resampled f
 per cycle (and ``rmse`` with ``--truth``; members with ``--keep-ensemble``).
 
 Methods: ``kalman`` (linear-Gaussian worlds only), ``enkf`` (stochastic, perturbed
-observations), ``etkf`` (= ``enkf-sqrt``), ``letkf``, ``pf`` (bootstrap). Options come
-from ``--config FILE.toml`` (top-level keys, or a table named after the method) and
-are overridden by flags: ``--inflation --rtps --radius`` (ensemble Kalman),
-``--threshold --resample --jitter --reg`` (pf).
+observations), ``etkf`` (= ``enkf-sqrt``), ``letkf``, ``pf`` (bootstrap), ``dpf`` (the
+diffusion particle filter, :mod:`assim.filters.dpf`; diffusion worlds only; localised
+when ``--radius`` is given). Options come from ``--config FILE.toml`` (top-level keys,
+or a table named after the method) and are overridden by flags: ``--inflation --rtps
+--radius`` (ensemble Kalman), ``--threshold --resample --jitter --reg`` (pf),
+``--twist --threshold --resample --radius`` (dpf).
 
 The world is ``physical:<system>`` (the simulator of the truth, with its parameters
 and time step read from the observation file, plus ``--model-noise`` additive
-Gaussian noise per step) or a world-model checkpoint. The number of world steps per
-cycle follows from the observation times. The initial ensemble is climatological
+Gaussian noise per step) or a world-model checkpoint (a path or a shipped name such as
+``l96``); every ensemble method runs with either. ``--diffusion-steps`` and ``--q``
+(model-error std) reconfigure a learned diffusion world at run time (no retraining).
+The number of world steps per cycle follows from the observation times.
+
+Diagnostics: the dpf adds, per cycle, ``min_inner_ess`` (smallest ESS inside the
+diffusion chain), ``inner_resamples`` and, localised, ``mean_local_ess``; ``ess`` is
+the outer ESS and ``log_z`` the log-evidence increment. With ``--truth`` the rank
+histogram of the truth in the (equally weighted, systematically resampled) analysis
+ensemble is stored (``rank_counts``, attribute ``rank_histogram_pvalue``) and drawn
+to ``--plot`` (default: ``<out>_rank.png`` next to the output; ``--plot none``: no
+figure). The initial ensemble is climatological
 (``--init climate``: random states spun up for 10 time units) or the truth's state at
 the start plus ``N(0, init_std^2)`` (``--init truth``, DAPPER's convention).
 """
@@ -27,7 +39,8 @@ from typing import Any
 from assim.commands._common import add_device, add_seed
 from assim.errors import InputError
 
-METHODS = ("kalman", "enkf", "etkf", "enkf-sqrt", "letkf", "pf")
+METHODS = ("kalman", "enkf", "etkf", "enkf-sqrt", "letkf", "pf", "dpf")
+TWISTS = ("gaussian", "dps", "none", "dps_only")
 _PF_KEYS = {"threshold", "resample", "jitter", "jitter_mode", "jitter_all", "reg"}
 
 
@@ -42,7 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="TOML file with method options")
     parser.add_argument("--inflation", type=float, default=None, help="multiplicative inflation")
     parser.add_argument("--rtps", type=float, default=None, help="RTPS relaxation in [0, 1]")
-    parser.add_argument("--radius", type=float, default=None, help="LETKF localisation radius")
+    parser.add_argument(
+        "--radius", type=float, default=None, help="LETKF / local dpf localisation radius"
+    )
+    parser.add_argument(
+        "--twist", choices=TWISTS, default=None, help="dpf guidance (dps_only: biased)"
+    )
+    parser.add_argument(
+        "--diffusion-steps", type=int, default=None, help="learned world: diffusion steps/step"
+    )
+    parser.add_argument(
+        "--q", type=float, default=None, help="learned world: model-error std (state units)"
+    )
     parser.add_argument("--threshold", type=float, default=None, help="pf: resample if ESS<t*N")
     parser.add_argument("--resample", default=None, help="pf: systematic|stratified|residual|...")
     parser.add_argument("--jitter", type=float, default=None, help="pf: regularisation scale")
@@ -55,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", choices=("climate", "truth"), default="climate")
     parser.add_argument("--init-std", type=float, default=0.5, help="--init truth: noise std")
     parser.add_argument("--keep-ensemble", action="store_true", help="store all members")
+    parser.add_argument(
+        "--plot", default=None, help="rank-histogram PNG (default <out>_rank.png; 'none': off)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, help="analysis netCDF to write")
     add_device(parser)
@@ -74,14 +101,25 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--config {args.config}: cannot read TOML ({exc})") from exc
         opts.update({k: v for k, v in cfg.items() if not isinstance(v, dict)})
         opts.update(cfg.get(args.method, {}))
-    for key in ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg"):
+    for key in ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg", "twist"):
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     return opts
 
 
-def make_method(method: str, opts: dict[str, Any]):
-    """The filter object for ``method`` with ``opts``."""
+def make_method(method: str, opts: dict[str, Any], world: Any = None):
+    """The filter object for ``method`` with ``opts`` (``world``: for the dpf)."""
+    if "twist" in opts and method != "dpf":
+        raise InputError(f"--twist applies to --method dpf only, not {method}")
+    if method == "dpf":
+        from assim.filters.dpf import make_dpf
+
+        if world is not None and not hasattr(world, "transition_sampler"):
+            raise InputError(
+                f"--method dpf needs a diffusion world (a learned checkpoint with "
+                f"transition_sampler), got {type(world).__name__}"
+            )
+        return make_dpf(world, **opts)
     if method == "kalman":
         if opts:
             raise InputError(f"method kalman takes no options, got {sorted(opts)}")
@@ -162,17 +200,18 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    filt = make_method(args.method, method_options(args))
     ods = read_dataset(args.obs, var="y")
     obs = observation_from_attrs(ods, args.obs)
     world = _world(args, dict(ods.attrs), device)
+    _configure_world(world, args)
+    filt = make_method(args.method, method_options(args), world)
     if args.method == "kalman" and not all(hasattr(world, a) for a in ("A", "b", "Q")):
         raise InputError(f"--method kalman needs a linear-Gaussian world; {args.world} is not")
     state_shape = tuple(world.state_shape)
     mt = ods["model_time"].values if "model_time" in ods.coords else None
     steps = _steps_per_cycle(mt, float(world.dt), args.obs)
     gen = torch.Generator().manual_seed(int(args.seed))
-    dtype = torch.float64
+    dtype = _world_dtype(world)
 
     truth = truth_x0 = None
     if args.truth:
@@ -214,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     dims = json.loads(ods.attrs["state_dims"]) if "state_dims" in ods.attrs else None
     if dims is not None and len(dims) != len(state_shape):
         dims = None
+    record = _Recorder(filt, truth, int(args.seed))
     ds = run_filter(
         world,
         filt,
@@ -236,9 +276,147 @@ def run(args: argparse.Namespace) -> int:
             "sigma": float(ods.attrs["sigma"]),
         },
     )
+    record.add_to(ds)
+    if truth is not None:
+        ds["rank_counts"] = (
+            "rank",
+            record.rank_counts,
+            {"long_name": "rank of the truth in the analysis ensemble, summed over cycles"},
+        )
+        ds.attrs["rank_histogram_pvalue"] = record.rank_pvalue()
     path = write_dataset(ds, args.out)
     line = f"wrote {path}: {ds.sizes['time']} cycles, {ds.attrs['cycles_per_second']:.1f} cycles/s"
     if truth is not None:
         line += f", rmse (all cycles) {float(np.nanmean(ds['rmse'].values)):.4f}"
+        plot = _plot_path(args.plot, path)
+        if plot is not None:
+            _rank_plot(record.rank_counts, ds.attrs["rank_histogram_pvalue"], plot, args.method)
+            line += f", rank histogram {plot}"
     print(line)
     return 0
+
+
+def _configure_world(world: Any, args: argparse.Namespace) -> None:
+    """Apply ``--diffusion-steps`` / ``--q`` to a learned diffusion world."""
+    opts = {"steps": args.diffusion_steps, "q": args.q}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if not opts:
+        return
+    if not hasattr(world, "configure"):
+        raise InputError(
+            f"--diffusion-steps/--q need a learned diffusion world (checkpoint); {args.world} "
+            "has no diffusion chain (use --model-noise for a physical world)"
+        )
+    try:
+        world.configure(**opts)
+    except ValueError as exc:
+        raise InputError(f"--diffusion-steps/--q: {exc}") from exc
+
+
+def _world_dtype(world: Any):
+    """float64 for simulators; a learned world's own floating dtype (float32 usually)."""
+    import torch
+
+    if isinstance(world, torch.nn.Module):
+        for t in (*world.parameters(), *world.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float64
+
+
+class _Recorder:
+    """Wraps ``filt.cycle`` to keep each cycle's ``info`` and, with a truth, the rank of
+    the truth in the analysis ensemble (weighted ensembles are resampled systematically
+    for the ranks, with a generator of their own so the filter's random stream is
+    unchanged)."""
+
+    KEYS = {
+        "min_inner_ess": "smallest ESS inside the diffusion chain (dpf)",
+        "inner_resamples": "resamplings inside the diffusion chain (dpf)",
+        "mean_local_ess": "mean over grid points of the local ESS (local dpf)",
+    }
+
+    def __init__(self, filt: Any, truth: Any, seed: int) -> None:
+        import torch
+
+        self.infos: list[dict] = []
+        self.truth = truth
+        self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.rank_counts = None
+        inner = filt.cycle
+
+        def cycle(world, ensemble, y, obs, generator=None):
+            ens, info = inner(world, ensemble, y, obs, generator)
+            self._record(ens, info)
+            return ens, info
+
+        filt.cycle = cycle
+
+    def _record(self, ens: Any, info: dict) -> None:
+        import torch
+
+        from assim.metrics import rank_histogram
+        from assim.smc import systematic
+
+        k = len(self.infos)
+        self.infos.append(info)
+        if self.truth is None or not hasattr(ens, "log_w"):
+            return
+        n = ens.x.shape[0]
+        idx = systematic(ens.log_w.cpu(), n, self.gen)
+        members = ens.x.detach().cpu()[idx]
+        truth = torch.as_tensor(self.truth[k])
+        counts = rank_histogram(members, truth, generator=self.gen).counts
+        self.rank_counts = counts if self.rank_counts is None else self.rank_counts + counts
+
+    def rank_pvalue(self) -> float:
+        import scipy.stats
+
+        if self.rank_counts is None or self.rank_counts.sum() == 0:
+            return float("nan")
+        return float(scipy.stats.chisquare(self.rank_counts).pvalue)
+
+    def add_to(self, ds: Any) -> None:
+        """Per-cycle diagnostics present in any info, as ``(time,)`` variables."""
+        import numpy as np
+
+        for key, descr in self.KEYS.items():
+            if not any(key in info for info in self.infos):
+                continue
+            v = np.array([float(info.get(key, np.nan)) for info in self.infos])
+            ds[key] = ("time", v, {"long_name": descr, "units": "1"})
+        if "ess" in ds:
+            ds["ess"].attrs["long_name"] += " (outer ESS for the dpf)"
+
+
+def _plot_path(option: str | None, out: Any):
+    from pathlib import Path
+
+    if option is not None and option.lower() == "none":
+        return None
+    if option is not None:
+        return Path(option)
+    out = Path(out)
+    return out.with_name(out.stem + "_rank.png")
+
+
+def _rank_plot(counts: Any, pvalue: float, path: Any, method: str) -> None:
+    """Bar chart of the rank histogram, written atomically (:func:`assim.plot.save_figure`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from assim.plot import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    n = len(counts)
+    ax.bar(np.arange(n), counts, width=1.0, color="0.6", edgecolor="0.3")
+    ax.axhline(counts.sum() / n, color="k", lw=0.8, ls="--", label="uniform")
+    ax.set_xlabel("rank of the truth among the members")
+    ax.set_ylabel("count (cycles x grid points)")
+    ax.set_title(f"{method}: rank histogram, chi2 p = {pvalue:.2g}")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)

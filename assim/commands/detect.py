@@ -101,19 +101,36 @@ def run(args: argparse.Namespace) -> int:
         ds["t_hat"] = (dims[:1], extra["t_hat"].numpy(), {"long_name": "diffusion-time estimate"})
     io.write_dataset(ds, args.out)
     png = Path(args.png) if args.png else Path(args.out).with_suffix(".png")
-    from assim.plot import field_grid
-
-    k = int(scores.nan_to_num(0).amax(1).argmax())
-    sc = ds["score"].values
-    field_grid(
-        np.stack([sc[k], ds["flag"].values[k].astype(float), np.nanmax(sc, 0)]),
-        png,
-        titles=[f"score, step {k}", f"flags, step {k}", "max score over time"],
-        ncols=3,
-        suptitle=f"{args.var}: {args.method}",
-        cmap="viridis",
-    )
+    _plot(ds, valid, png, f"{args.var}: {args.method} (threshold {thr:.3g}, FAR {args.far})")
     print(
         f"{int(fl.sum())} of {fl.numel()} points flagged (threshold {thr:.3g}) -> {args.out}, {png}"
     )
     return 0
+
+
+def _plot(ds, valid, path, title: str) -> None:
+    """Score map of the step with the largest score, flagged points circled in red, and
+    the number of flags over the whole period per point."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from assim.plot import save_figure
+
+    sc, fl = ds["score"].values, ds["flag"].values
+    k = int(np.nanargmax(np.where(np.isnan(sc), -np.inf, sc).max((1, 2))))
+    fig = Figure(figsize=(10, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    im = ax1.imshow(sc[k], origin="lower", cmap="viridis")
+    ii, jj = np.nonzero(fl[k])
+    ax1.scatter(jj, ii, s=12, facecolors="none", edgecolors="red", linewidths=0.8)
+    ax1.set_title(f"score at step {k} (red: flagged)", fontsize=9)
+    fig.colorbar(im, ax=ax1, shrink=0.8)
+    count = np.where(valid, fl.sum(0), np.nan)
+    im2 = ax2.imshow(count, origin="lower", cmap="magma")
+    ax2.set_title("number of flags over time", fontsize=9)
+    fig.colorbar(im2, ax=ax2, shrink=0.8)
+    for ax in (ax1, ax2):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
