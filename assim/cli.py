@@ -27,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="assim", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="assim",
+        description="Data assimilation, imputation and anomaly detection with diffusion "
+        "world models and particle filters.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_) in COMMANDS.items():

@@ -309,6 +309,9 @@ def _configure_world(world: Any, args: argparse.Namespace) -> None:
         )
     try:
         world.configure(**opts)
+        if hasattr(world, "transition_sampler") and hasattr(world, "state_mean"):
+            # the chain checks q against the schedule's noise range: fail now, not mid-run
+            world.transition_sampler(world.state_mean.unsqueeze(0))
     except ValueError as exc:
         raise InputError(f"--diffusion-steps/--q: {exc}") from exc
 
