@@ -1,6 +1,6 @@
 """Imputation: samples of the missing entries of gridded fields given everything observed.
 
-Two priors share one interface ``samples (K, T, P)`` over the ``P`` valid grid points:
+Three methods share one interface ``samples (K, T, P)`` over the ``P`` valid grid points:
 
 - :class:`FieldPrior` (default, ``--prior gaussian``): standardised anomalies relative
   to a per-calendar-month climatology, ``z = (x - m_month) / s``, with the space-time
@@ -10,9 +10,14 @@ Two priors share one interface ``samples (K, T, P)`` over the ``P`` valid grid p
   (smoothing over the window, :mod:`assim.smoother`). A Gaussian prior is a diffusion
   prior whose denoiser is closed-form (``GaussianDenoiser``): guided diffusion sampling
   converges to the same posterior, which this path computes directly.
-- a learned diffusion prior (any denoiser + :class:`~models.diffusion.samplers.Sampler`):
-  :func:`assim.smoother.guided_inpaint` (replacement inpainting through the sampler's
-  exposed Gaussian kernels; approximate).
+- the same prior as a *diffusion* prior (``method="twisted"``): a DDPM chain whose
+  denoiser is the prior's exact one (``GaussianDenoiser``), conditioned by twisted SMC
+  (:func:`assim.smoother.twisted_inpaint`: twisted Gaussian proposals, exact importance
+  weights, adaptive resampling). It converges to the posterior of the chain, i.e. to the
+  exact posterior up to the chain's discretisation; it is the path a learned denoiser
+  (any ``forward(x_t, t, cond)`` with a schedule) takes too. ``method="replacement"``
+  (:func:`assim.smoother.guided_inpaint`) is the biased replacement inpainting, kept for
+  comparison.
 
 Observed entries are copied from the input bit for bit. :func:`impute` wraps the
 arrays into an ``xarray.Dataset`` with ``member``, mean and interval bounds.
@@ -31,6 +36,19 @@ from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology
 from assim.errors import InputError
 from assim.rng import rand
 from assim.smoother import GaussianWindowPrior
+from assim.twisted import gaussian_diffusion_sampler, impute_window
+
+__all__ = [
+    "METHODS",
+    "FieldPrior",
+    "check_grid",
+    "field_points",
+    "fit_field_prior",
+    "gaussian_diffusion_sampler",
+    "impute",
+    "impute_array",
+    "season_index",
+]
 
 
 @dataclass
@@ -244,6 +262,14 @@ def holdout_variance_ratio(
     return float((err2 / var).clamp(0.5, 4.0))
 
 
+METHODS = ("exact", "twisted", "replacement")
+_METHOD_DOC = {
+    "exact": "exact Gaussian posterior (Matheron's rule)",
+    "twisted": "twisted SMC through a DDPM chain of the Gaussian prior's exact denoiser",
+    "replacement": "replacement inpainting through a DDPM chain (biased)",
+}
+
+
 def impute_array(
     prior: FieldPrior,
     values: Tensor,
@@ -251,23 +277,44 @@ def impute_array(
     n: int,
     generator: torch.Generator | None = None,
     window: int = 12,
+    method: str = "exact",
+    steps: int = 64,
+    particles: int | None = None,
+    obs_std: float = 1e-2,
 ) -> tuple[Tensor, Tensor]:
     """Posterior samples ``(n, T, P)`` and mean ``(T, P)`` of fields ``values`` ``(T, P)``
     whose NaN entries are missing, in chunks of ``window`` steps (each chunk conditioned
     on all of its observations, past and future). Observed entries are the input's,
-    bit for bit, in the input's dtype."""
+    bit for bit, in the input's dtype.
+
+    ``method``: ``"exact"`` (Matheron's rule on the Gaussian prior: exact draws),
+    ``"twisted"`` (twisted SMC through a ``steps``-step DDPM chain whose denoiser is the
+    prior's exact one, :func:`gaussian_diffusion_sampler`; ``particles`` (default
+    ``max(n, 64)``) weighted particles, observations as ``N(y; x_O, obs_std^2)`` in
+    standardised units; converges to the exact posterior of the chain) or
+    ``"replacement"`` (replacement inpainting through the same chain: biased, for
+    comparison). The diffusion methods form the window's dense covariance ``(TP, TP)``:
+    keep ``window * P`` to a few thousand.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown imputation method {method!r}; expected one of {list(METHODS)}")
     if values.ndim != 2 or values.shape[1] != prior.lat.numel():
         raise InputError(
             f"fields have shape {tuple(values.shape)}, the prior expects (T, {prior.lat.numel()})"
         )
     if not bool(torch.isfinite(values).any()):
         raise InputError("nothing is observed: every value is NaN")
+    if particles is None:
+        particles = max(n, 64)
     z = prior.standardize(values, groups)
     out = torch.empty((n, *values.shape), dtype=torch.float64)
     mean = torch.empty(values.shape, dtype=torch.float64)
     for k0 in range(0, values.shape[0], window):
         sl = slice(k0, k0 + window)
-        smp, mu = prior.window.posterior(z[sl], n, generator)
+        if method == "exact":
+            smp, mu = prior.window.posterior(z[sl], n, generator)
+        else:
+            smp, mu = impute_window(prior, z[sl], n, method, generator, steps, particles, obs_std)
         out[:, sl] = prior.destandardize(smp, groups[sl])
         mean[sl] = prior.destandardize(mu, groups[sl])
     obs = torch.isfinite(values)
@@ -337,12 +384,16 @@ def impute(
     generator: torch.Generator | None = None,
     mask=None,
     window: int = 12,
+    method: str = "exact",
+    steps: int = 64,
+    particles: int | None = None,
 ):
     """Impute the NaN entries of ``da`` (time, lat, lon); returns an ``xarray.Dataset``
     with ``<name>`` (member, time, lat, lon), ``<name>_mean``, ``<name>_lower`` /
     ``<name>_upper`` (central ``level`` interval from the samples) and ``imputed`` (1
     where a value was filled). ``prior=None`` fits :func:`fit_field_prior` on ``da``
-    itself (all its fields, missing entries ignored)."""
+    itself (all its fields, missing entries ignored). ``method``/``steps``/``particles``:
+    see :func:`impute_array`."""
     import xarray as xr
 
     valid, lat, lon = field_points(da, mask)
@@ -365,7 +416,7 @@ def impute(
     else:
         check_grid(prior, lat, lon, str(da.name))
     groups = groups % prior.n_groups
-    smp, mean = impute_array(prior, vals, groups, n, generator, window)
+    smp, mean = impute_array(prior, vals, groups, n, generator, window, method, steps, particles)
     q = torch.quantile(smp, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=smp.dtype), 0)
 
     def grid(a: Tensor) -> np.ndarray:
@@ -396,7 +447,8 @@ def impute(
         attrs={
             "Conventions": "CF-1.8",
             "title": f"imputation of {name}",
-            "prior": "gaussian (EOF + Matern, exact posterior)",
+            "prior": "gaussian (EOF + Matern)",
+            "method": _METHOD_DOC[method],
             "level": level,
         },
     )

@@ -23,7 +23,10 @@ zero-prior-sample path gives the exact posterior mean.
 The same prior is a diffusion oracle: its marginal over one step is
 ``N(0, U diag(lambda) U^T + K)``, whose Tweedie denoiser is closed-form
 (:meth:`GaussianWindowPrior.spatial_cov`). Learned diffusion priors are guided over
-windows by :func:`guided_inpaint`.
+windows by :func:`twisted_inpaint` (twisted SMC: exact importance weights, so it
+converges to ``p(x_M | y)`` as the number of particles grows; Wu et al. 2023; defined in
+:mod:`assim.twisted` with :class:`DiffusionChain`, re-exported here) or
+:func:`guided_inpaint` (replacement; biased, kept for comparison).
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ from torch import Tensor
 
 from assim.errors import InputError
 from assim.rng import randn
+from assim.twisted import DiffusionChain, TwistedResult, twisted_inpaint, twisted_smc
+
+__all__ = [
+    "DiffusionChain",
+    "GaussianWindowPrior",
+    "TwistedResult",
+    "gaussian_conditional",
+    "guided_inpaint",
+    "twisted_inpaint",
+    "twisted_smc",
+]
 
 
 @dataclass
@@ -66,6 +80,15 @@ class GaussianWindowPrior:
             self.rho.to(device),
             self.resid_cov.to(device),
         )
+
+    def dense_cov(self, n_steps: int) -> Tensor:
+        """Covariance of a whole window flattened ``(k, p)``: ``W C_a W^T + I_T (x) K``,
+        ``(TP, TP)`` (``W = I_T (x) U``); dense, for small windows and tests."""
+        big = torch.block_diag(*[self.basis] * n_steps)
+        cov = torch.block_diag(*[self.resid_cov] * n_steps)
+        if self.rank:
+            cov = cov + big @ self.amp_cov(n_steps) @ big.T
+        return 0.5 * (cov + cov.T)
 
     def spatial_cov(self) -> Tensor:
         """Marginal covariance of one step ``U diag(lam) U^T + K`` ``(P, P)``."""

@@ -2,7 +2,11 @@
 
 Settings (``--setting``): ``l96-std`` (40 vars, all observed every step, R = I),
 ``l96-sparse`` (every 4th variable), ``l96-sparse-long`` (every 4th, every 3 steps),
-``l96-arctan`` (arctan of all 40, sigma 0.05, every 2 steps). The truth starts near
+``l96-arctan`` (arctan of all 40, sigma 0.05, every 2 steps), ``l63-std`` (Lorenz-63,
+dt 0.01, all 3 observed every 25 steps, R = 2I; learned world ``models/checkpoints/l63.pt``;
+``--cycles``/``--burn`` count model steps, so 50000 steps = 2000 analysis cycles).
+``rmse.a`` is scored at analysis times only (DAPPER), after ``--burn`` model steps. The
+truth starts near
 DAPPER's ``X0`` (``(1, 0, ..., 0)``), observations are drawn with the evaluation
 seed; the world model never sees the equations at assimilation time (learned world).
 Truth and initial ensemble are drawn from DAPPER's ``X0 = N((1, 0, ..., 0), 0.001 I)``.
@@ -22,7 +26,8 @@ with the true model (``etkf-true``, ``letkf-true``). Metrics:
 DAPPER's definition), ``spread`` (time mean of the RMS ensemble std) and spread/skill,
 the rank-histogram chi^2 p-value (truth among the equally weighted, resampled members;
 the test assumes independence, so small p is expected from time correlation), mean ESS,
-divergence (``rmse.a`` > half the climatological spread, 1.8), cycles/s (1 thread).
+divergence (``rmse.a`` > half the climatological spread of the truth run: 1.8 for L96),
+analysis cycles/s (1 thread).
 
 ``python experiments/bench_dpf.py --quick`` (< 60 s) ;
 ``python experiments/bench_dpf.py --cycles 2000 --seeds 0 1 2 --jobs 1`` (long; run it

@@ -117,7 +117,7 @@ def table(res: dict) -> str:
     lines += [
         "",
         "| world | beats persistence (RMSE, all leads) | CRPS/true-model CRPS @1 MTU "
-        "| spread/skill range | training steps / s |",
+        "| spread/skill range | optimiser steps / wall s of the last (resumed) training run |",
         "|---|---|---|---|---|",
     ]
     for name, tr in res["train"].items():

@@ -253,7 +253,9 @@ def run(args: argparse.Namespace) -> int:
     dims = json.loads(ods.attrs["state_dims"]) if "state_dims" in ods.attrs else None
     if dims is not None and len(dims) != len(state_shape):
         dims = None
-    record = _Recorder(filt, truth, int(args.seed))
+    from assim.commands._assim_diag import Recorder, plot_path, rank_plot
+
+    record = Recorder(filt, truth, int(args.seed))
     ds = run_filter(
         world,
         filt,
@@ -288,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
     line = f"wrote {path}: {ds.sizes['time']} cycles, {ds.attrs['cycles_per_second']:.1f} cycles/s"
     if truth is not None:
         line += f", rmse (all cycles) {float(np.nanmean(ds['rmse'].values)):.4f}"
-        plot = _plot_path(args.plot, path)
+        plot = plot_path(args.plot, path)
         if plot is not None:
-            _rank_plot(record.rank_counts, ds.attrs["rank_histogram_pvalue"], plot, args.method)
+            rank_plot(record.rank_counts, ds.attrs["rank_histogram_pvalue"], plot, args.method)
             line += f", rank histogram {plot}"
     print(line)
     return 0
@@ -309,7 +311,7 @@ def _configure_world(world: Any, args: argparse.Namespace) -> None:
         )
     try:
         world.configure(**opts)
-        if hasattr(world, "transition_sampler") and hasattr(world, "state_mean"):
+        if getattr(world, "history", 1) == 1 and hasattr(world, "state_mean"):
             # the chain checks q against the schedule's noise range: fail now, not mid-run
             world.transition_sampler(world.state_mean.unsqueeze(0))
     except ValueError as exc:
@@ -325,101 +327,3 @@ def _world_dtype(world: Any):
             if t.is_floating_point():
                 return t.dtype
     return torch.float64
-
-
-class _Recorder:
-    """Wraps ``filt.cycle`` to keep each cycle's ``info`` and, with a truth, the rank of
-    the truth in the analysis ensemble (weighted ensembles are resampled systematically
-    for the ranks, with a generator of their own so the filter's random stream is
-    unchanged)."""
-
-    KEYS = {
-        "min_inner_ess": "smallest ESS inside the diffusion chain (dpf)",
-        "inner_resamples": "resamplings inside the diffusion chain (dpf)",
-        "mean_local_ess": "mean over grid points of the local ESS (local dpf)",
-    }
-
-    def __init__(self, filt: Any, truth: Any, seed: int) -> None:
-        import torch
-
-        self.infos: list[dict] = []
-        self.truth = truth
-        self.gen = torch.Generator().manual_seed(seed + 7919)
-        self.rank_counts = None
-        inner = filt.cycle
-
-        def cycle(world, ensemble, y, obs, generator=None):
-            ens, info = inner(world, ensemble, y, obs, generator)
-            self._record(ens, info)
-            return ens, info
-
-        filt.cycle = cycle
-
-    def _record(self, ens: Any, info: dict) -> None:
-        import torch
-
-        from assim.metrics import rank_histogram
-        from assim.smc import systematic
-
-        k = len(self.infos)
-        self.infos.append(info)
-        if self.truth is None or not hasattr(ens, "log_w"):
-            return
-        n = ens.x.shape[0]
-        idx = systematic(ens.log_w.cpu(), n, self.gen)
-        members = ens.x.detach().cpu()[idx]
-        truth = torch.as_tensor(self.truth[k])
-        counts = rank_histogram(members, truth, generator=self.gen).counts
-        self.rank_counts = counts if self.rank_counts is None else self.rank_counts + counts
-
-    def rank_pvalue(self) -> float:
-        import scipy.stats
-
-        if self.rank_counts is None or self.rank_counts.sum() == 0:
-            return float("nan")
-        return float(scipy.stats.chisquare(self.rank_counts).pvalue)
-
-    def add_to(self, ds: Any) -> None:
-        """Per-cycle diagnostics present in any info, as ``(time,)`` variables."""
-        import numpy as np
-
-        for key, descr in self.KEYS.items():
-            if not any(key in info for info in self.infos):
-                continue
-            v = np.array([float(info.get(key, np.nan)) for info in self.infos])
-            ds[key] = ("time", v, {"long_name": descr, "units": "1"})
-        if "ess" in ds:
-            ds["ess"].attrs["long_name"] += " (outer ESS for the dpf)"
-
-
-def _plot_path(option: str | None, out: Any):
-    from pathlib import Path
-
-    if option is not None and option.lower() == "none":
-        return None
-    if option is not None:
-        return Path(option)
-    out = Path(out)
-    return out.with_name(out.stem + "_rank.png")
-
-
-def _rank_plot(counts: Any, pvalue: float, path: Any, method: str) -> None:
-    """Bar chart of the rank histogram, written atomically (:func:`assim.plot.save_figure`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from assim.plot import save_figure
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    n = len(counts)
-    ax.bar(np.arange(n), counts, width=1.0, color="0.6", edgecolor="0.3")
-    ax.axhline(counts.sum() / n, color="k", lw=0.8, ls="--", label="uniform")
-    ax.set_xlabel("rank of the truth among the members")
-    ax.set_ylabel("count (cycles x grid points)")
-    ax.set_title(f"{method}: rank histogram, chi2 p = {pvalue:.2g}")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
