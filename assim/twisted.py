@@ -115,7 +115,7 @@ class DiffusionChain:
             self.alpha[j] * x_t, self.times[j], self.times[j + 1], self._cond(x_t)
         )
         a, var = self.alpha[j + 1], k.var
-        if var.dim() and var.shape[0] > 1:  # one time for all particles: a shared variance
+        if var.dim() == x_t.dim() and var.shape[0] == x_t.shape[0] > 1:  # one t, shared var
             var = var[:1]  # (keeps observation-space covariances shared, not per particle)
         return GaussianKernel(k.mean / a, var / a**2)
 
