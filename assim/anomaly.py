@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from assim.errors import InputError
-from assim.impute import FieldPrior, impute_array
+from assim.impute import impute_array
+from assim.impute_prior import FieldPrior
 
 _SQRT2 = math.sqrt(2.0)
 _CLIP = 2.5  # winsorisation of LOO residuals (in sd) inside the block statistic

@@ -52,6 +52,7 @@ from assim.cycle_store import (
     prune,
 )
 from assim.errors import InputError
+from assim.rng import randn
 
 __all__ = [
     "EX_DATAERR",
@@ -166,7 +167,7 @@ class CycleResult:
 def _cold_start(cfg: CycleConfig, comp: Components, gen: torch.Generator) -> torch.Tensor:
     """Climatological ensemble ``(N, *S)``: ``mean + std * z`` then free spin-up."""
     shape = (cfg.members, *comp.world.state_shape)
-    z = torch.randn(shape, generator=gen, dtype=comp.dtype, device=gen.device)
+    z = randn(shape, gen, device=gen.device, dtype=comp.dtype)
     x = (cfg.cold_start.mean + cfg.cold_start.std * z).to(comp.device)
     for _ in range(cfg.cold_start.spinup_steps):
         x = comp.world.step(x, generator=gen)
@@ -199,7 +200,7 @@ def _run_one(cfg: CycleConfig, t: datetime, comp: Components) -> CycleResult:
     if cfg.world.physical is None:
         inputs["world"] = {"path": cfg.world.source, "sha256": sha256(cfg.world.source)}
     shape = tuple(comp.world.state_shape)
-    m = int(comp.observation.h(torch.zeros((1, *shape), dtype=comp.dtype)).shape[1])
+    m = comp.observation.dim(shape)
 
     # 1. observations
     obs_path = cfg.observations.path(t)

@@ -20,6 +20,7 @@ import torch
 import xarray as xr
 
 from assim.cycle_config import CycleConfig, config_from_dict, parse_cycle_time
+from assim.io import write_dataset
 
 __all__ = ["demo_config", "run_demo_cycles", "synthetic_inbox", "write_observation_file"]
 
@@ -27,10 +28,8 @@ __all__ = ["demo_config", "run_demo_cycles", "synthetic_inbox", "write_observati
 def write_observation_file(
     path: Path, times: Sequence[datetime], values: np.ndarray, variable: str, units: str
 ) -> Path:
-    """Write ``values`` ``(T, m)`` at ``times`` as ``variable(time, obs)`` (CF), via a
-    temporary file and ``os.replace``, so that a cycle never reads a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``values`` ``(T, m)`` at ``times`` as ``variable(time, obs)`` (CF) with
+    :func:`assim.io.write_dataset` (atomic), so that a cycle never reads a half file."""
     values = np.asarray(values, dtype=np.float64)
     ds = xr.Dataset(
         {variable: (("time", "obs"), values, {"units": units, "long_name": "observations"})},
@@ -38,13 +37,9 @@ def write_observation_file(
             "time": ("time", np.array(times, dtype="datetime64[ns]"), {"standard_name": "time"}),
             "obs": ("obs", np.arange(values.shape[1], dtype=np.int32)),
         },
-        attrs={"Conventions": "CF-1.8"},
     )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    enc = {"time": {"units": "hours since 1970-01-01", "dtype": "float64"}}
-    ds.to_netcdf(tmp, engine="netcdf4", encoding=enc)
-    os.replace(tmp, path)
-    return path
+    ds["time"].encoding.update(units="hours since 1970-01-01", dtype="float64")
+    return write_dataset(ds, path)
 
 
 def synthetic_inbox(

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from assim.cycle_config import CycleConfig
 from assim.errors import InputError
+from assim.io import CONVENTIONS, member_coordinate, spatial_coords, spatial_dims
 
 __all__ = [
     "DataError",
@@ -65,22 +66,10 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def spatial_dims(state_shape: Sequence[int]) -> tuple[str, ...]:
-    """Dimension names of a state ``S``: ``(x,)``, ``(y, x)``, ``(z, y, x)``."""
-    names = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
-    return names.get(len(state_shape), tuple(f"dim_{i}" for i in range(len(state_shape))))
-
-
 def _space_coords(state_shape: Sequence[int]) -> dict:
     dims = spatial_dims(state_shape)
-    return {
-        d: (
-            d,
-            np.arange(n, dtype=np.int32),
-            {"axis": d.upper(), "units": "1", "long_name": f"grid index along {d}"},
-        )
-        for d, n in zip(dims, state_shape, strict=True)
-    }
+    index = {d: np.arange(n, dtype=np.int32) for d, n in zip(dims, state_shape, strict=True)}
+    return spatial_coords(tuple(state_shape), dims, index)
 
 
 _TIME_ENC = {
@@ -96,22 +85,12 @@ def _np(x: Tensor) -> np.ndarray:
 
 def _base_attrs(cfg: CycleConfig, t: datetime, flags: dict) -> dict:
     return {
-        "Conventions": "CF-1.8",
+        "Conventions": CONVENTIONS,
         "title": f"assim nightly cycle {t:%Y-%m-%dT%H:%M}Z",
         "source": f"world {cfg.world.source}; method {cfg.method.name}",
         "institution": "assim",
         "cold_start": int(flags["cold_start"]),
         "forecast_only": int(flags["forecast_only"]),
-    }
-
-
-def _member_coord(n: int) -> dict:
-    return {
-        "member": (
-            "member",
-            np.arange(n, dtype=np.int32),
-            {"standard_name": "realization", "long_name": "ensemble member"},
-        )
     }
 
 
@@ -142,7 +121,7 @@ def analysis_dataset(
             ),
         },
         coords={
-            **_member_coord(x.shape[0]),
+            "member": member_coordinate(x.shape[0]),
             **_space_coords(x.shape[1:]),
             "time": ((), np.datetime64(t, "ns"), {"standard_name": "time", "axis": "T"}),
             "obs_time": ("obs_time", obs_times, {"long_name": "analysis step time"}),
@@ -172,7 +151,7 @@ def forecast_dataset(
             ),
         },
         coords={
-            **_member_coord(x.shape[0]),
+            "member": member_coordinate(x.shape[0]),
             **_space_coords(x.shape[2:]),
             "time": ("time", valid, {"standard_name": "time", "axis": "T"}),
             "forecast_reference_time": (
@@ -360,17 +339,15 @@ def write_quicklook(
     """A PNG: 1-D states show the analysis mean ± spread (and the last observations
     when they are on the state grid), plus a Hovmöller of the forecast mean; 2-D states
     show the analysis mean and the last forecast mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     mean = _np(analysis.mean(0))
     std = _np(analysis.std(0)) if analysis.shape[0] > 1 else mean * 0
     tag = " [cold start]" if flags["cold_start"] else ""
     tag += " [forecast only]" if flags["forecast_only"] else ""
     ncols = 2 if forecast is not None and forecast.shape[1] > 0 else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * ncols, 3.6))
+    axes = fig.subplots(1, ncols, squeeze=False)
     ax = axes[0, 0]
     if mean.ndim == 1:
         i = np.arange(mean.size)
@@ -400,5 +377,4 @@ def write_quicklook(
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.14, top=0.84, wspace=0.25)
     fig.savefig(path, dpi=80, metadata={"Software": None})
-    plt.close(fig)
     fsync_path(path)

@@ -124,10 +124,8 @@ def validate_dataset(
     - a ``time`` coordinate, if present, is strictly increasing (no duplicates);
     - the checked field (``var``, or every floating data variable) is not all NaN.
     """
-    if var is not None and var not in ds.data_vars:
-        raise InputError(
-            f"{source}: variable {var!r} not found; available: {sorted(map(str, ds.data_vars))}"
-        )
+    if var is not None:
+        choose_variable(ds, source, var)
     if dims is not None:
         if var is None:
             raise ValueError("validate_dataset: dims needs var")
@@ -149,6 +147,22 @@ def validate_dataset(
         values = ds[name].values
         if values.dtype.kind in "fc" and values.size and np.isnan(values).all():
             raise InputError(f"{source}: variable {name!r} is all NaN; expected some valid values")
+
+
+def choose_variable(
+    ds: xr.Dataset, source: str, variable: str | None = None, hint: str = ""
+) -> str:
+    """``variable`` if ``ds`` has it, or the only data variable when ``variable`` is None;
+    otherwise :class:`InputError` naming ``source`` and the variables it has (``hint`` is
+    appended to the not-found message)."""
+    names = sorted(map(str, ds.data_vars))
+    if variable is None:
+        if len(names) != 1:
+            raise InputError(f"{source}: several variables {names}; choose one with --variable")
+        return names[0]
+    if variable not in ds.data_vars:
+        raise InputError(f"{source}: variable {variable!r} not found; available: {names}{hint}")
+    return variable
 
 
 def _check_time(t: np.ndarray, source: str) -> None:
@@ -202,9 +216,19 @@ def time_coords(times: Any) -> dict[str, xr.DataArray]:
     return {"time": xr.DataArray(t, dims="time", attrs=attrs)}
 
 
-def _spatial_coords(
-    shape: tuple[int, ...], dims: Sequence[str], coords: Mapping[str, Any] | None
+def spatial_dims(state_shape: Sequence[int]) -> tuple[str, ...]:
+    """Dimension names of a state ``S``: ``(x,)``, ``(y, x)``, ``(z, y, x)``, else
+    ``dim_0, dim_1, ...``."""
+    names = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
+    return names.get(len(state_shape), tuple(f"dim_{i}" for i in range(len(state_shape))))
+
+
+def spatial_coords(
+    shape: tuple[int, ...], dims: Sequence[str], coords: Mapping[str, Any] | None = None
 ) -> dict[str, xr.DataArray]:
+    """CF coordinates of the spatial ``dims`` of sizes ``shape``: ``lat``/``lon``/``x``/
+    ``y``/``z`` get their standard attributes, others ``units = "1"``. ``coords[d]`` is
+    ``values`` or ``(values, attrs)``; a missing one is ``0..n-1``."""
     if len(shape) != len(dims):
         raise InputError(f"dims {tuple(dims)} do not match the spatial shape {shape}")
     out: dict[str, xr.DataArray] = {}
@@ -226,11 +250,22 @@ def _spatial_coords(
     return out
 
 
-def _var_attrs(units: str, long_name: str | None, standard_name: str | None, name: str) -> dict:
-    attrs = {"units": units, "long_name": long_name or name}
+def _cf_dataset(
+    a: np.ndarray,
+    dims: tuple[str, ...],
+    coords: dict[str, xr.DataArray],
+    name: str,
+    units: str,
+    long_name: str | None,
+    standard_name: str | None,
+    attrs: Mapping[str, Any] | None,
+) -> xr.Dataset:
+    """One-variable CF dataset: ``name`` with its units/long_name/standard_name."""
+    var_attrs = {"units": units, "long_name": long_name or name}
     if standard_name:
-        attrs["standard_name"] = standard_name
-    return attrs
+        var_attrs["standard_name"] = standard_name
+    da = xr.DataArray(a, dims=dims, coords=coords, attrs=var_attrs)
+    return xr.Dataset({name: da}, attrs={"Conventions": CONVENTIONS, **dict(attrs or {})})
 
 
 def trajectory_dataset(
@@ -253,11 +288,8 @@ def trajectory_dataset(
         raise InputError(
             f"{name}: expected an array (time={nt}, {', '.join(dims)}), got shape {a.shape}"
         )
-    c = {**tc, **_spatial_coords(a.shape[1:], dims, coords)}
-    da = xr.DataArray(
-        a, dims=("time", *dims), coords=c, attrs=_var_attrs(units, long_name, standard_name, name)
-    )
-    return xr.Dataset({name: da}, attrs={"Conventions": CONVENTIONS, **dict(attrs or {})})
+    c = {**tc, **spatial_coords(a.shape[1:], dims, coords)}
+    return _cf_dataset(a, ("time", *dims), c, name, units, long_name, standard_name, attrs)
 
 
 def member_coordinate(m: int) -> xr.DataArray:
@@ -291,15 +323,10 @@ def ensemble_dataset(
     c = {
         **tc,
         "member": member_coordinate(a.shape[1]),
-        **_spatial_coords(a.shape[2:], dims, coords),
+        **spatial_coords(a.shape[2:], dims, coords),
     }
-    da = xr.DataArray(
-        a,
-        dims=("time", "member", *dims),
-        coords=c,
-        attrs=_var_attrs(units, long_name, standard_name, name),
-    )
-    return xr.Dataset({name: da}, attrs={"Conventions": CONVENTIONS, **dict(attrs or {})})
+    dims_all = ("time", "member", *dims)
+    return _cf_dataset(a, dims_all, c, name, units, long_name, standard_name, attrs)
 
 
 def forecast_dataset(
@@ -329,7 +356,9 @@ def forecast_dataset(
     if ref.dtype.kind in "iuf" and lead.dtype.kind in "iuf":
         tc = time_coords(float(ref) + lead.astype(np.float64))
         ref_da = xr.DataArray(time_coords(np.array([float(ref)]))["time"].values[0])
-        ref_da.encoding.update(units=MODEL_TIME_UNITS, calendar=MODEL_TIME_CALENDAR)
+        ref_da.encoding.update(
+            units=MODEL_TIME_UNITS, calendar=MODEL_TIME_CALENDAR, dtype="float64"
+        )
         period = np.round(lead.astype(np.float64) * 86400e9).astype("timedelta64[ns]")
     else:
         period = lead.astype("timedelta64[ns]")
@@ -347,12 +376,8 @@ def forecast_dataset(
         "member": member_coordinate(a.shape[0]),
         "forecast_period": fp,
         "forecast_reference_time": ref_da,
-        **_spatial_coords(a.shape[2:], dims, coords),
+        **spatial_coords(a.shape[2:], dims, coords),
     }
-    da = xr.DataArray(
-        np.moveaxis(a, 0, 1),
-        dims=("time", "member", *dims),
-        coords=c,
-        attrs=_var_attrs(units, long_name, standard_name, name),
-    )
-    return xr.Dataset({name: da}, attrs={"Conventions": CONVENTIONS, **dict(attrs or {})})
+    a = np.moveaxis(a, 0, 1)
+    dims_all = ("time", "member", *dims)
+    return _cf_dataset(a, dims_all, c, name, units, long_name, standard_name, attrs)

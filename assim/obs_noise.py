@@ -34,6 +34,14 @@ class Noise:
         if self.size is not None and m != self.size:
             raise InputError(f"{self!r} is defined for {self.size} observations but {m} were given")
 
+    def _dim(self, m: int | None) -> int:
+        """``m`` (checked), or the noise's own size when ``m`` is None."""
+        m = self.size if m is None else m
+        if m is None:
+            raise InputError("covariance of a scalar noise needs the number of observations m")
+        self._check(m)
+        return m
+
     def log_prob(self, residual: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -99,10 +107,7 @@ class GaussianNoise(Noise):
         return self._cache[key]
 
     def covariance(self, m: int | None = None, *, dtype=None, device=None) -> Tensor:
-        m = self.size if m is None else m
-        if m is None:
-            raise InputError("covariance of a scalar noise needs the number of observations m")
-        self._check(m)
+        m = self._dim(m)
         C = self.R if self.R is not None else torch.diag(self.var.expand(m))
         return C.to(dtype=dtype or C.dtype, device=device)
 
@@ -198,10 +203,7 @@ class StudentTNoise(Noise):
         return z / torch.sqrt(2.0 * g / self.df) * self.scale.to(z.device, z.dtype)
 
     def covariance(self, m: int | None = None, *, dtype=None, device=None) -> Tensor:
-        m = self.size if m is None else m
-        if m is None:
-            raise InputError("covariance of a scalar noise needs the number of observations m")
-        self._check(m)
+        m = self._dim(m)
         if self.df <= 2:
             raise InputError(f"Student-t noise with df={self.df} <= 2 has no finite covariance")
         v = self.scale.expand(m) ** 2 * self.df / (self.df - 2)

@@ -30,15 +30,6 @@ _INFO_KEYS = ("ess", "log_z", "inflation")
 _FLAG_KEYS = ("skipped", "resampled", "collapsed")
 
 
-def default_dims(state_shape: Sequence[int]) -> tuple[str, ...]:
-    """Spatial dim names: ``("x",)`` in 1-D, ``("y", "x")`` in 2-D, ``d0, d1...`` else."""
-    if len(state_shape) == 1:
-        return ("x",)
-    if len(state_shape) == 2:
-        return ("y", "x")
-    return tuple(f"d{i}" for i in range(len(state_shape)))
-
-
 def _observations(observations: Any, device, dtype) -> tuple[Tensor, Any]:
     """``(ys (K, m), times or None)`` from a tensor/array or an xarray object."""
     times = None
@@ -123,7 +114,7 @@ def run(
         times = obs_times
     if times is None:
         times = np.arange(1, K + 1) * steps_per_cycle * float(getattr(world, "dt", 1.0))
-    dims = tuple(dims) if dims is not None else default_dims(state_shape)
+    dims = tuple(dims) if dims is not None else io.spatial_dims(state_shape)
 
     mean = np.empty((K, *state_shape))
     std = np.empty((K, *state_shape))

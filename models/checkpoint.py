@@ -70,11 +70,18 @@ def save(world: torch.nn.Module, path: str | os.PathLike, meta: dict | None = No
         "state_dict": {k: v.detach().cpu() for k, v in world.state_dict().items()},
         "meta": json.loads(json.dumps(meta or {}, default=str)),  # plain data only
     }
+    return save_atomic(payload, path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to a temporary file beside ``path``, then ``os.replace``: the
+    destination is either the old file or the complete new one, never a partial one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

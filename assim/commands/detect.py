@@ -46,29 +46,21 @@ def run(args: argparse.Namespace) -> int:
     from assim.anomaly import clean_threshold, flags, score_fields
     from assim.commands.impute import load_prior, read_field
     from assim.errors import InputError
-    from assim.impute import check_grid, field_points, fit_field_prior, season_index
+    from assim.impute import field_data, prior_for
 
     if not 0 < args.far < 1:
         raise InputError(f"--far must be in (0, 1), got {args.far}")
     da, mask = read_field(args.input, args.var, args.mask)
-    valid, lat, lon = field_points(da, mask)
-    vals = torch.from_numpy(np.asarray(da.values)[:, valid].astype(np.float64))
+    data = field_data(da, mask)
+    valid, vals = data.valid, data.values
     if not bool(torch.isfinite(vals).all()):
         raise InputError(
             f"{args.input}: {args.var!r} has missing values at valid points; "
             "run `assim impute` first (anomaly scores need complete fields)"
         )
-    groups, n_groups = season_index(da[da.dims[0]])
-    groups = torch.from_numpy(groups)
     gen = torch.Generator().manual_seed(args.seed)
-    prior = load_prior(args.prior)
-    if prior is None:
-        prior = fit_field_prior(
-            vals, groups, torch.from_numpy(lat), torch.from_numpy(lon), n_groups, generator=gen
-        )
-    else:
-        check_grid(prior, lat, lon, args.var)
-    groups = groups % prior.n_groups
+    prior = prior_for(data, load_prior(args.prior), args.var, gen)
+    groups = data.groups % prior.n_groups
     scores, extra = score_fields(prior, args.method, vals, groups, valid, gen)
     thr = clean_threshold(prior, args.method, args.far, valid, args.clean_steps, gen)
     fl = flags(scores, thr)

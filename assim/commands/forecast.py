@@ -50,20 +50,12 @@ def initial_state(path: str, world, variable: str | None, time_index: int):
     ``h`` times: ``(h, *S)`` or ``(M, h, *S)``."""
     import numpy as np
 
-    from assim.io import read_dataset
+    from assim.io import choose_variable, read_dataset
 
-    var = variable or getattr(world, "variable", None)
     ds = read_dataset(path)
-    if var is None:
-        names = [str(v) for v in ds.data_vars]
-        if len(names) != 1:
-            raise InputError(f"{path}: several variables {names}; choose one with --variable")
-        var = names[0]
-    if var not in ds.data_vars:
-        raise InputError(
-            f"{path}: variable {var!r} (the world's) not found; available: "
-            f"{sorted(map(str, ds.data_vars))}; pass --variable"
-        )
+    var = choose_variable(
+        ds, path, variable or getattr(world, "variable", None), hint="; pass --variable"
+    )
     da = ds[var]
     ref = None
     h = int(getattr(world, "history", 1))

@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     from assim import io
     from assim.errors import InputError
-    from assim.impute import field_points, fit_field_prior, impute, season_index
+    from assim.impute import field_data, impute, prior_for
+    from models.checkpoint import save_atomic
 
     if args.samples < 2:
         raise InputError(f"--samples must be >= 2, got {args.samples}")
@@ -112,22 +113,10 @@ def run(args: argparse.Namespace) -> int:
     da, mask = read_field(args.input, args.var, args.mask)
     prior = load_prior(args.prior)
     gen = torch.Generator().manual_seed(args.seed)
-    if prior is None:
-        import numpy as np
-
-        valid, lat, lon = field_points(da, mask)
-        groups, n_groups = season_index(da[da.dims[0]])
-        vals = torch.from_numpy(np.asarray(da.values)[:, valid].astype(np.float64))
-        prior = fit_field_prior(
-            vals,
-            torch.from_numpy(groups),
-            torch.from_numpy(lat),
-            torch.from_numpy(lon),
-            n_groups,
-            generator=gen,
-        )
+    if prior is None:  # fitted here (not inside impute) so that --save-prior can keep it
+        prior = prior_for(field_data(da, mask), None, args.var, gen)
     if args.save_prior:
-        torch.save(prior.state_dict(), args.save_prior)
+        save_atomic(prior.state_dict(), args.save_prior)
     ds = impute(
         da,
         prior,

@@ -42,14 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def truth_variable(ds, path: str, variable: str | None) -> str:
     """The state variable of a truth file (``--variable``, ``assim_variable`` or the only
     data variable)."""
-    var = variable or ds.attrs.get("assim_variable")
-    names = [str(v) for v in ds.data_vars]
-    if var is None:
-        if len(names) != 1:
-            raise InputError(f"{path}: several variables {names}; choose one with --variable")
-        var = names[0]
-    if var not in ds.data_vars:
-        raise InputError(f"{path}: variable {var!r} not found; available: {names}")
+    from assim.io import choose_variable
+
+    var = choose_variable(ds, path, variable or ds.attrs.get("assim_variable"))
     if ds[var].dims[0] != "time" or "member" in ds[var].dims:
         raise InputError(
             f"{path}: variable {var!r} has dims {ds[var].dims}; expected (time, *grid) "

@@ -8,6 +8,7 @@ both (its proposal *is* the guided world step), so the runner calls ``cycle``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +27,7 @@ class Ensemble:
     def __post_init__(self) -> None:
         if self.log_w is None:
             n = self.x.shape[0]
-            self.log_w = torch.full(
-                (n,),
-                -torch.log(torch.tensor(float(n))).item(),
-                dtype=self.x.dtype,
-                device=self.x.device,
-            )
+            self.log_w = torch.full((n,), -math.log(n), dtype=self.x.dtype, device=self.x.device)
 
     @property
     def size(self) -> int:

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from assim.errors import InputError
 from assim.filters.base import Ensemble, Filter
+from assim.rng import randn
 
 __all__ = ["EnKF", "ETKF", "EnsembleKalmanFilter", "make_filter"]
 
@@ -265,9 +266,7 @@ class EnKF(EnsembleKalmanFilter):
 
     def _update(self, inn: Innovations, generator: torch.Generator | None) -> tuple[Tensor, float]:
         n, m = inn.Yw.shape
-        gdev = generator.device if generator is not None else inn.Yw.device
-        z = torch.randn((n, m), generator=generator, dtype=torch.float64, device=gdev)
-        z = z.to(inn.Yw.device)
+        z = randn((n, m), generator, device=inn.Yw.device, dtype=torch.float64)
         z = z - z.mean(0)
         D = inn.dw - inn.Yw + z  # whitened perturbed innovations (N, m)
         if m < n:  # observation space: C = Yw^T Yw + (N-1) I_m, increments D C^{-1} Yw^T A

@@ -25,6 +25,18 @@ def rk4_step(f: Callable[[Tensor], Tensor], x: Tensor, dt: float) -> Tensor:
     return x + (dt / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
 
 
+def randn_on(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> Tensor:
+    """Standard normal draws of ``shape`` made on the generator's device (so a CPU
+    generator gives the same numbers for a CUDA run) and moved to ``device``."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=gdev).to(device)
+
+
 class Simulator:
     """Base class: subclasses define ``state_shape`` and ``step(x, dt)``."""
 

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from models.physics.base import Simulator
+from models.physics.base import Simulator, randn_on
 
 
 class Kolmogorov(Simulator):
@@ -180,10 +180,7 @@ class Kolmogorov(Simulator):
         """``(n, self.n, self.n)`` random vorticity: white noise filtered to a
         spectrum ``∝ exp(−(|k| − k_peak)²/2)``, zero mean, rescaled to ``rms``.
         Spin up (a few tens of time units) before using it as a turbulent state."""
-        gdev = generator.device if generator is not None else device
-        z = torch.randn((n, self.n, self.n), generator=generator, dtype=dtype, device=gdev).to(
-            device
-        )
+        z = randn_on((n, self.n, self.n), generator, dtype, device)
         ops = self._ops(z)
         k = torch.sqrt(1.0 / ops["inv_k2"].clamp_min(1e-30))
         filt = torch.exp(-0.5 * (k - k_peak) ** 2) * (ops["inv_k2"] > 0) * ops["dealias"]

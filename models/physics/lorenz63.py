@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.physics.base import Simulator, rk4_step
+from models.physics.base import Simulator, randn_on, rk4_step
 
 
 class Lorenz63(Simulator):
@@ -41,6 +41,4 @@ class Lorenz63(Simulator):
         device: str | torch.device = "cpu",
     ) -> Tensor:
         """``(n, 3)`` initial states ``(1, 1, 1) + N(0, 1)``; spin up before use."""
-        gdev = generator.device if generator is not None else device
-        z = torch.randn((n, 3), generator=generator, dtype=dtype, device=gdev).to(device)
-        return z + 1.0
+        return randn_on((n, 3), generator, dtype, device) + 1.0

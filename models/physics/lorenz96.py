@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.physics.base import Simulator, rk4_step
+from models.physics.base import Simulator, randn_on, rk4_step
 
 
 class Lorenz96(Simulator):
@@ -48,6 +48,4 @@ class Lorenz96(Simulator):
         device: str | torch.device = "cpu",
     ) -> Tensor:
         """``(n, self.n)`` initial states ``F + N(0, 1)``; spin up before use."""
-        gdev = generator.device if generator is not None else device
-        z = torch.randn((n, self.n), generator=generator, dtype=dtype, device=gdev).to(device)
-        return z + self.F
+        return randn_on((n, self.n), generator, dtype, device) + self.F
