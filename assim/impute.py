@@ -2,7 +2,8 @@
 
 Three methods share one interface ``samples (K, T, P)`` over the ``P`` valid grid points:
 
-- :class:`FieldPrior` (default, ``--prior gaussian``): standardised anomalies relative
+- :class:`FieldPrior` (default, ``--prior gaussian``; fitted in :mod:`assim.impute_prior`
+  and re-exported here): standardised anomalies relative
   to a per-calendar-month climatology, ``z = (x - m_month) / s``, with the space-time
   Gaussian prior of :class:`assim.smoother.GaussianWindowPrior` (leading EOFs with AR(1)
   amplitudes plus a Matérn residual chosen by cross-validation). Its posterior is

@@ -34,12 +34,9 @@ def _observations(observations: Any, device, dtype) -> tuple[Tensor, Any]:
     """``(ys (K, m), times or None)`` from a tensor/array or an xarray object."""
     times = None
     if hasattr(observations, "data_vars"):  # xarray.Dataset
-        if "y" not in observations.data_vars:
-            raise InputError(
-                "observations: dataset has no variable 'y'; available: "
-                f"{sorted(map(str, observations.data_vars))}"
-            )
-        observations = observations["y"]
+        from assim.io import choose_variable
+
+        observations = observations[choose_variable(observations, "observations", "y")]
     if hasattr(observations, "dims"):  # xarray.DataArray
         if "model_time" in observations.coords:
             times = observations["model_time"].values

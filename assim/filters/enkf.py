@@ -276,8 +276,8 @@ class EnKF(EnsembleKalmanFilter):
             xa = inn.mu + inn.A + D @ Kw
             u = torch.cholesky_solve(inn.dw.unsqueeze(-1), L).squeeze(-1)
             quad = (n - 1) * (inn.dw @ u)
-            logdet = inn.logdet_r + 2.0 * torch.log(torch.diagonal(L)).sum() - m * math.log(n - 1)
-            return xa, float(-0.5 * (m * _LOG_2PI + logdet + quad))
+            logdet = 2.0 * torch.log(torch.diagonal(L)).sum() - m * math.log(n - 1)
+            return xa, gaussian_log_z(inn, quad, logdet)
         s2, V = torch.linalg.eigh(inn.Yw @ inn.Yw.T)
         dd = s2.clamp_min(0.0) + (n - 1)
         Pw = (V / dd) @ V.T  # (Yw Yw^T + (N-1) I)^{-1}

@@ -12,10 +12,12 @@ from assim.cli import main
 from assim.errors import InputError
 from assim.impute import (
     FieldPrior,
+    field_data,
     field_points,
     fit_field_prior,
     impute,
     impute_array,
+    prior_for,
 )
 from assim.smoother import gaussian_conditional, guided_inpaint
 
@@ -190,6 +192,31 @@ def test_cli_errors_and_round_trip(tmp_path, gen, capsys) -> None:
     ds = xr.open_dataset(out)
     assert ds["sst"].shape == (4, 6, 4, 5)
     assert np.array_equal(ds["sst"].values[:, np.isfinite(v)][0], v[np.isfinite(v)])
+
+
+def test_cli_save_prior_is_the_library_fit_and_reloads(tmp_path, gen) -> None:
+    """``--save-prior`` writes (atomically) the prior that :func:`prior_for` fits on the
+    same field with the same seed, and that checkpoint drives a second run."""
+    prior = _prior()
+    da = _dataarray(prior, gen)
+    v = da.values.copy()
+    v[2, 1:3, 1:4] = np.nan
+    path = tmp_path / "in.nc"
+    da.copy(data=v).to_dataset().to_netcdf(path)
+    saved, out = tmp_path / "priors" / "fit.pt", tmp_path / "out.nc"
+    base = ["impute", str(path), "--var", "sst", "--samples", "2", "--out", str(out)]
+    assert main([*base, "--save-prior", str(saved)]) == 0
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["fit.pt"]  # no temp file left
+    with xr.open_dataset(path) as ds:
+        ref = prior_for(field_data(ds["sst"].load()), None, "sst", gen(0)).state_dict()
+    got = torch.load(saved, weights_only=True)
+    assert got.keys() == ref.keys()
+    for k, val in ref.items():
+        if torch.is_tensor(val):
+            assert torch.equal(got[k], val), k
+        else:
+            assert got[k] == val, k
+    assert main([*base, "--prior", str(saved)]) == 0
 
 
 def test_replacement_inpainting_independent_prior_matches_marginal(gen) -> None:

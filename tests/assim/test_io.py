@@ -84,6 +84,17 @@ def test_missing_file(tmp_path):
         io.read_dataset(p)
 
 
+def test_choose_variable_picks_the_only_one_or_names_the_choices():
+    ds = _traj()
+    assert io.choose_variable(ds, "f.nc") == "state"
+    assert io.choose_variable(ds, "f.nc", "state") == "state"
+    with pytest.raises(InputError, match=re.escape("f.nc: variable 'sst' not found; available")):
+        io.choose_variable(ds, "f.nc", "sst", hint="; pass --variable")
+    two = ds.assign(other=ds["state"] * 2)
+    with pytest.raises(InputError, match=re.escape("f.nc: several variables ['other', 'state']")):
+        io.choose_variable(two, "f.nc")
+
+
 def test_corrupt_file(tmp_path):
     p = tmp_path / "bad.nc"
     p.write_bytes(b"this is not netCDF" * 10)
