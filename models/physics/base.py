@@ -43,8 +43,14 @@ class Simulator:
     state_shape: tuple[int, ...]
     default_dt: float
 
-    def step(self, x: Tensor, dt: float) -> Tensor:  # pragma: no cover - abstract
+    def tendency(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Right-hand side ``f(x)`` of ``dx/dt = f(x)``, shape ``(N, *S)``."""
         raise NotImplementedError
+
+    def step(self, x: Tensor, dt: float | None = None) -> Tensor:
+        """One classical RK4 step of :meth:`tendency` (:func:`rk4_step`), ``(N, *S) ->
+        (N, *S)``; ``dt`` defaults to ``default_dt``. Stiff models override it."""
+        return rk4_step(self.tendency, x, self.default_dt if dt is None else dt)
 
     def _check(self, x: Tensor) -> None:
         n = len(self.state_shape)

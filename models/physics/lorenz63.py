@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.physics.base import Simulator, randn_on, rk4_step
+from models.physics.base import Simulator, randn_on
 
 
 class Lorenz63(Simulator):
@@ -28,10 +28,6 @@ class Lorenz63(Simulator):
         return torch.stack(
             (self.sigma * (b - a), a * (self.rho - c) - b, a * b - self.beta * c), dim=-1
         )
-
-    def step(self, x: Tensor, dt: float | None = None) -> Tensor:
-        """One RK4 step ``(N, 3) -> (N, 3)``."""
-        return rk4_step(self.tendency, x, self.default_dt if dt is None else dt)
 
     def random_state(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.physics.base import Simulator, randn_on, rk4_step
+from models.physics.base import Simulator, randn_on
 
 
 class Lorenz96(Simulator):
@@ -35,10 +35,6 @@ class Lorenz96(Simulator):
     def tendency(self, x: Tensor) -> Tensor:
         """Right-hand side ``adv(x) − x + F``, shape ``(N, n)``."""
         return self.advection(x) - x + self.F
-
-    def step(self, x: Tensor, dt: float | None = None) -> Tensor:
-        """One RK4 step ``(N, n) -> (N, n)``."""
-        return rk4_step(self.tendency, x, self.default_dt if dt is None else dt)
 
     def random_state(
         self,
