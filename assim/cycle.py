@@ -16,8 +16,9 @@ One cycle at time ``T`` (DESIGN.md §2, "Nightly cycle"):
 The random seed of cycle ``T`` is ``sha256(seed, T)``, so a rerun writes the same
 netCDF bytes. A lock (``flock`` on ``out/.lock``, holding the PID) serialises runs;
 leftovers of killed runs (``.tmp-*``, ``.trash-*``) are removed under the lock.
-Retention prunes old cycle folders only after a successful cycle (rename to
-``.trash-*`` first, so a half-deleted folder never looks complete).
+Retention prunes old cycle folders after every complete cycle, run or skipped (so a
+rerun tidies up after a run killed between its rename and its prune), renaming them
+to ``.trash-*`` first, so a half-deleted folder never looks complete.
 
 Exit codes of ``assim cycle``: 0 done / skipped / forecast-only (warning);
 2 bad config or arguments; 65 bad observation or restart data (EX_DATAERR);
@@ -381,7 +382,8 @@ def catch_up(
     """Run every missed cycle up to ``until`` (default: now, UTC), oldest first, each
     chained on the previous restart (see :func:`pending_cycles`). Stops at the first
     failing cycle (its error propagates; earlier cycles stay). Prunes per retention
-    after each success. ``lock=False``: the caller holds :class:`CycleLock`."""
+    after each complete (done or skipped) cycle. ``lock=False``: the caller holds
+    :class:`CycleLock`."""
     if until is None:
         until = datetime.now(timezone.utc).replace(tzinfo=None)
     until = parse_cycle_time(until) if isinstance(until, str) else until
@@ -405,6 +407,7 @@ def catch_up(
     for t in todo:
         res = _run_one(cfg, t, comp)
         results.append(res)
-        if res.status == "done":
-            prune(cfg.output, cfg.retention)
+        # also after a skip: a run killed between its rename and its prune left the
+        # cycle complete but the retention not applied; pruning is idempotent
+        prune(cfg.output, cfg.retention)
     return results

@@ -199,7 +199,10 @@ class DiffusionParticleFilter(Filter):
                 if self.inner_threshold >= 1 or e < self.inner_threshold * n:
                     idx = self._resample(w, n, generator)
                     x, x_k = self._gather(x, idx), self._gather(x_k, idx)
-                    chain = world.transition_sampler(x_k)
+                    if hasattr(chain, "reindex") and idx.dim() == 1:  # hidden state (Rolling)
+                        chain.reindex(idx)
+                    else:
+                        chain = world.transition_sampler(x_k)
                     self._after_resample(guide, chain, x, idx, j)
                     info["inner_resamples"] += 1
                 x, inc = guide.step(x, j, generator)

@@ -176,6 +176,19 @@ def test_retention_prunes_after_success_only_and_pruned_cycles_are_not_missed(tm
     assert not any(p.name.startswith(".") and p.is_dir() for p in cfg.output.iterdir())
 
 
+def test_a_skipped_rerun_applies_the_retention(tmp_path):
+    """A run killed between its final rename and its prune leaves a complete cycle and
+    too many folders; the rerun skips the cycle but still prunes (the kill window is
+    stood in for by tightening the retention between the two runs)."""
+    _, cfg = write_config(tmp_path, retention=3)
+    fill_inbox(cfg, 3)
+    catch_up(cfg, T0 + 2 * DAY)
+    assert complete_cycles(cfg.output) == [T0 + k * DAY for k in range(3)]
+    _, tight = write_config(tmp_path, retention=1)
+    assert run_cycle(tight, T0 + 2 * DAY).status == "skipped"
+    assert complete_cycles(cfg.output) == [T0 + 2 * DAY]
+
+
 def test_leftovers_of_killed_runs_are_cleaned(tmp_path):
     path, cfg = write_config(tmp_path)
     fill_inbox(cfg, 1)

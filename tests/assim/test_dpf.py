@@ -296,3 +296,28 @@ def test_bad_options_raise():
     obs = Observation(Identity(), GaussianNoise(std=1.0))
     with pytest.raises(InputError, match="diffusion world"):
         DiffusionParticleFilter().cycle(object(), Ensemble(torch.zeros(4, 2)), torch.zeros(2), obs)
+
+
+def test_rolling_chain_survives_inner_resampling():
+    """A Rolling chain carries hidden window state: after resampling inside the chain the
+    filter must reindex it (a rebuilt chain has no window and raises)."""
+    from models.worlds.rolling import Rolling, RollingSpec
+
+    torch.manual_seed(0)
+    spec = RollingSpec(
+        state_shape=(6,),
+        dt=0.1,
+        window=3,
+        init_steps=4,
+        shift_steps=2,
+        backbone_kwargs=dict(width=8, depth=1),
+    )
+    world = Rolling(spec).eval()
+    g = torch.Generator().manual_seed(3)
+    ens = Ensemble(torch.randn(16, 6, generator=g))
+    obs = Observation(Identity(), GaussianNoise(1.0))
+    y = torch.zeros(6)
+    filt = DiffusionParticleFilter(inner_threshold=1.0)  # resample at every inner step
+    out, info = filt.cycle(world, ens, y, obs, generator=g)
+    assert info["inner_resamples"] > 0
+    assert torch.isfinite(out.x).all() and math.isfinite(info["log_z"])
