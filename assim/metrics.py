@@ -150,7 +150,7 @@ def _es(ens: Tensor, y: Tensor) -> Tensor:
         raise InputError("fair energy score needs at least 2 members")
     e = ens.movedim(0, -2)  # (*B, N, D)
     skill = torch.linalg.vector_norm(e - y.unsqueeze(-2), dim=-1).mean(-1)
-    pair = torch.cdist(e, e).sum((-1, -2))
+    pair = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist").sum((-1, -2))
     return skill - pair / (2 * n * (n - 1))
 
 
