@@ -56,6 +56,11 @@ class LinearGaussian:
 
     def step(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One step of a batch ``(N, d) -> (N, d)``."""
+        if x.dim() < 2 or x.shape[-1] != self.state_shape[0]:
+            raise ValueError(
+                f"LinearGaussian.step: x must have shape (N, ..., {self.state_shape[0]}), "
+                f"got {tuple(x.shape)}"
+            )
         where = generator.device if generator is not None else x.device
         eps = torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
         return self.mean_step(x) + eps @ self.Q_sqrt.to(x.device, x.dtype).T

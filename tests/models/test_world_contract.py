@@ -118,10 +118,6 @@ def test_forecast_is_repeated_step_and_seeded(world_and_device, gen):
 
 def test_wrong_state_shape_is_a_value_error(world_and_device, request):
     world, device = world_and_device
-    if isinstance(world, LinearGaussian):
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="LinearGaussian.step does not validate shapes")
-        )
     bad = torch.zeros((2, *(n + 1 for n in world.state_shape)), device=device)
     with pytest.raises(ValueError):
         world.step(bad)
