@@ -80,3 +80,34 @@ class DiffusionWorld(World, Protocol):
     def transition_sampler(self, cond: Tensor) -> TransitionChain:
         """The chain of one physical step from the particles ``cond`` ``(N, *S)``."""
         ...
+
+
+def rollout(
+    world: World,
+    x0: Tensor,
+    n_steps: int,
+    members: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Autoregressive ensemble forecast by repeated ``world.step``, shared by worlds whose
+    ``forecast`` is nothing more.
+
+    ``x0`` is ``(*S)`` (replicated to ``members``) or ``(members, *S)``; returns
+    ``(members, n_steps, *S)``, the states after steps ``1..n_steps``.
+    """
+    shape = tuple(world.state_shape)
+    name = type(world).__name__
+    if tuple(x0.shape) == shape:
+        x = x0.unsqueeze(0).expand(members, *shape).clone()
+    elif tuple(x0.shape) == (members, *shape):
+        x = x0
+    else:
+        raise ValueError(
+            f"{name}.forecast: x0 must be {shape} or "
+            f"({members}, {', '.join(map(str, shape))}), got {tuple(x0.shape)}"
+        )
+    out = torch.empty((members, n_steps, *shape), dtype=x.dtype, device=x.device)
+    for k in range(n_steps):
+        x = world.step(x, generator)
+        out[:, k] = x
+    return out

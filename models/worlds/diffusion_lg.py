@@ -26,6 +26,7 @@ from models.diffusion.kernel import GaussianKernel
 from models.diffusion.oracles import GaussianDenoiser
 from models.diffusion.samplers import DDIM, DDPM
 from models.diffusion.schedules import EDM, Schedule
+from models.worlds.base import rollout
 from models.worlds.linear_gaussian import LinearGaussian
 
 
@@ -111,12 +112,7 @@ class DiffusionLinearGaussian:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``(members, n_steps, d)`` from ``x0`` ``(d,)`` (replicated) or ``(members, d)``."""
-        x = x0.expand(members, *self.state_shape) if x0.dim() == 1 else x0
-        out = []
-        for _ in range(n_steps):
-            x = self.step(x, generator)
-            out.append(x)
-        return torch.stack(out, 1)
+        return rollout(self, x0, n_steps, members, generator)
 
     @torch.no_grad()
     def _affine_maps(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from models.worlds.base import rollout
+
 
 def _sqrt_psd(Q: Tensor) -> Tensor:
     """A square root ``L`` with ``L L^T = Q`` (Cholesky; symmetric eigen-root when
@@ -73,12 +75,6 @@ class LinearGaussian:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``(members, n_steps, d)`` from ``x0`` ``(d,)`` (replicated) or ``(members, d)``."""
-        x = x0.expand(members, *self.state_shape) if x0.dim() == 1 else x0
-        out = []
-        for _ in range(n_steps):
-            x = self.step(x, generator)
-            out.append(x)
-        return torch.stack(out, dim=1)
+        return rollout(self, x0, n_steps, members, generator)
 
-    # Diffusion transition (DiffusionWorld.transition_sampler) goes here: the exact
-    # Gaussian diffusion chain of N(A x + b, Q) is added by the dpf work (issue: dpf).
+    # The exact diffusion chain of this model is models.worlds.diffusion_lg.

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from models.physics import Kolmogorov, Lorenz63, Lorenz96, Simulator
+from models.worlds.base import rollout
 
 # BENCHMARKS.md: L96 RK4 dt = 0.05, L63 dt = 0.01; Kolmogorov snapshots every 0.2 time
 # units (as in SDA), integrated with 20 internal steps of 0.01.
@@ -93,20 +94,7 @@ class Physical:
 
         Returns ``(members, n_steps, *S)``, the states after steps ``1..n_steps``.
         """
-        if tuple(x0.shape) == self.state_shape:
-            x = x0.unsqueeze(0).expand(members, *self.state_shape).clone()
-        elif tuple(x0.shape) == (members, *self.state_shape):
-            x = x0
-        else:
-            raise ValueError(
-                f"Physical.forecast: x0 must be {self.state_shape} or "
-                f"({members}, {', '.join(map(str, self.state_shape))}), got {tuple(x0.shape)}"
-            )
-        out = torch.empty((members, n_steps, *self.state_shape), dtype=x.dtype, device=x.device)
-        for k in range(n_steps):
-            x = self.step(x, generator)
-            out[:, k] = x
-        return out
+        return rollout(self, x0, n_steps, members, generator)
 
 
 def physical_world(spec: str, **kw: object) -> Physical:
