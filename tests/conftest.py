@@ -7,6 +7,18 @@ import torch
 
 torch.set_num_threads(1)  # tiny tensors: threads only add contention
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test runs on one torch thread, restored afterwards: the suite is thousands of
+    tiny tensor ops, where intra-op threads only contend on a busy 2-core machine, and
+    some code under test (``assim cycle``) sets the thread count itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 _DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from assim import plot
 from assim.cli import main
 from assim.errors import InputError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small FFTs and RK4 steps gain nothing from threads, and on a busy 2-core machine
-    # intra-op threading makes each tiny op wait for a descheduled worker (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -16,17 +16,6 @@ from assim import datasets, io
 from assim.errors import InputError
 from models.worlds.physical import physical_world
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small FFTs and RK4 steps gain nothing from threads, and on a busy 2-core machine
-    # intra-op threading makes each tiny op wait for a descheduled worker (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 REAL = ["ostia_sst", "e1_north_america", "a1b_north_america", "sst_anom", "hgt_djf"]
 ALL = sorted(["l63", "l96", "kolmogorov64", *REAL])
 

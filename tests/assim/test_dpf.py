@@ -33,16 +33,6 @@ from models.worlds.diffusion_lg import DiffusionLinearGaussian
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine
-    (a 2-thread run of these tests is ~30x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     A = 0.8 * torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))[0]

@@ -28,14 +28,6 @@ from models.worlds.diffusion_lg import DiffusionLinearGaussian
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _world(d: int = 3, **kw) -> DiffusionLinearGaussian:
     return DiffusionLinearGaussian(0.9 * torch.eye(d, dtype=F64), None,
                                    0.4 * torch.eye(d, dtype=F64), steps=3, **kw)  # fmt: skip

@@ -16,15 +16,6 @@ from assim.obs import GaussianNoise, Observation, Subset
 from models.worlds.linear_gaussian import LinearGaussian
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of tiny tensor ops: one thread avoids contention on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setting(d: int, every: int, r: float, K: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     A = 0.9 * torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(

@@ -17,14 +17,6 @@ from models.worlds.linear_gaussian import LinearGaussian
 D = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model():
     g = torch.Generator().manual_seed(0)
     A = 0.8 * torch.eye(D, dtype=torch.float64) + 0.1 * torch.randn(

@@ -10,16 +10,6 @@ from models.worlds.base import World
 from models.worlds.physical import Physical, physical_world
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small FFTs and RK4 steps gain nothing from threads, and on a busy 2-core machine
-    # intra-op threading makes each tiny op wait for a descheduled worker (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_spec_parsing_and_defaults():
     w = physical_world("l96")
     assert isinstance(w, World)

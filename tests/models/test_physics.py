@@ -11,17 +11,6 @@ from hypothesis import strategies as st
 
 from models.physics import Kolmogorov, Lorenz63, Lorenz96
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small FFTs and RK4 steps gain nothing from threads, and on a busy 2-core machine
-    # intra-op threading makes each tiny op wait for a descheduled worker (~100x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------- Lorenz-96
 
 
