@@ -254,7 +254,12 @@ def train_world(
         if config.calibrate:
             world.calibrate(*validation_pairs(dm))
         info = {
-            "train_config": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
+            # file locations are this machine's business: keep only their names
+            "train_config": {
+                k: (Path(v).name if k in ("out", "log_dir", "data") and isinstance(v, str) else v)
+                for k, v in dataclasses.asdict(config).items()
+                if v is not None
+            },
             "global_steps": int(trainer.global_step),
             "train_seconds": round(time.perf_counter() - t0, 1),
             "torch": str(torch.__version__),
