@@ -176,24 +176,12 @@ def build_world(config: TrainConfig, dm: WindowDataModule) -> torch.nn.Module:
 
         return _world_class(config.world).from_config(config, dm)
     from models.worlds._build import resolve_backbone
-    from models.worlds.conditional import Conditional, ConditionalSpec
+    from models.worlds.conditional import Conditional, ConditionalSpec, spec_fields
 
     spec = ConditionalSpec(
-        state_shape=dm.state_shape,
-        dt=dm.dt,
         history=config.history,
-        target=config.target,
         backbone=resolve_backbone(config.backbone, dm.state_shape),
-        backbone_kwargs=dict(config.backbone_kwargs),
-        schedule=config.schedule,
-        schedule_kwargs=dict(config.schedule_kwargs),
-        sigma_data=config.sigma_data,
-        sampler=config.sampler,
-        steps=config.diffusion_steps,
-        eta=config.eta,
-        q=config.q,
-        variable=dm.variable,
-        dims=dm.grid_dims,
+        **spec_fields(config, dm),
     )
     world = Conditional(spec)
     world.set_normalisation(dm.stats)

@@ -82,6 +82,27 @@ class ConditionalSpec:
             raise ValueError(f"dims {self.dims} do not match state_shape {self.state_shape}")
 
 
+def spec_fields(config: Any, dm: Any) -> dict[str, Any]:
+    """The :class:`ConditionalSpec` fields that a training config (``models.train.TrainConfig``)
+    and its set-up data module fix alike for every conditional-family world; each kind adds
+    its own ``history``, ``backbone`` and extra fields."""
+    return dict(
+        state_shape=dm.state_shape,
+        dt=dm.dt,
+        target=config.target,
+        backbone_kwargs=dict(config.backbone_kwargs),
+        schedule=config.schedule,
+        schedule_kwargs=dict(config.schedule_kwargs),
+        sigma_data=config.sigma_data,
+        sampler=config.sampler,
+        steps=config.diffusion_steps,
+        eta=config.eta,
+        q=config.q,
+        variable=dm.variable,
+        dims=dm.grid_dims,
+    )
+
+
 class Conditional(nn.Module):
     """Conditional diffusion world (implements ``World`` and ``DiffusionWorld``).
 

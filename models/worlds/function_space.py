@@ -31,7 +31,13 @@ import torch
 from torch import Tensor
 
 from models.diffusion.gp_noise import GPKernel, MaternGP
-from models.worlds.conditional import _N_CAL, Conditional, ConditionalChain, ConditionalSpec
+from models.worlds.conditional import (
+    _N_CAL,
+    Conditional,
+    ConditionalChain,
+    ConditionalSpec,
+    spec_fields,
+)
 
 
 @dataclass(frozen=True)
@@ -102,22 +108,7 @@ class FunctionSpace(Conditional):
         ``lengths``, ``lengthscale``, ``nu``."""
         try:
             spec = FunctionSpaceSpec(
-                state_shape=dm.state_shape,
-                dt=dm.dt,
-                history=1,
-                target=config.target,
-                backbone="fno",
-                backbone_kwargs=dict(config.backbone_kwargs),
-                schedule=config.schedule,
-                schedule_kwargs=dict(config.schedule_kwargs),
-                sigma_data=config.sigma_data,
-                sampler=config.sampler,
-                steps=config.diffusion_steps,
-                eta=config.eta,
-                q=config.q,
-                variable=dm.variable,
-                dims=dm.grid_dims,
-                **dict(config.world_kwargs),
+                history=1, backbone="fno", **spec_fields(config, dm), **dict(config.world_kwargs)
             )
         except TypeError as exc:
             raise ValueError(f"world_kwargs for world='function_space': {exc}") from exc
