@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import xarray as xr
@@ -250,37 +250,55 @@ def spatial_coords(
     return out
 
 
+class VarMeta(TypedDict, total=False):
+    """Optional keywords shared by the dataset builders.
+
+    ``name`` (default ``"state"``), ``units`` (default ``"1"``), ``long_name`` (default
+    ``name``), ``standard_name``, ``coords`` (``coords[d]`` is ``values`` or
+    ``(values, attrs)`` for a spatial dim ``d``) and global ``attrs``.
+    """
+
+    name: str
+    units: str
+    long_name: str | None
+    standard_name: str | None
+    coords: Mapping[str, Any] | None
+    attrs: Mapping[str, Any] | None
+
+
+def _meta_name(meta: VarMeta) -> str:
+    """The variable name in ``meta``; unknown keywords are a ``TypeError`` as usual."""
+    unknown = set(meta) - set(VarMeta.__annotations__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return meta.get("name", "state")
+
+
 def _cf_dataset(
     a: np.ndarray,
     dims: tuple[str, ...],
     coords: dict[str, xr.DataArray],
-    name: str,
-    units: str,
-    long_name: str | None,
-    standard_name: str | None,
-    attrs: Mapping[str, Any] | None,
+    meta: VarMeta,
 ) -> xr.Dataset:
-    """One-variable CF dataset: ``name`` with its units/long_name/standard_name."""
-    var_attrs = {"units": units, "long_name": long_name or name}
-    if standard_name:
-        var_attrs["standard_name"] = standard_name
+    """One-variable CF dataset: ``meta["name"]`` with its units/long_name/standard_name."""
+    name = _meta_name(meta)
+    var_attrs = {"units": meta.get("units", "1"), "long_name": meta.get("long_name") or name}
+    if meta.get("standard_name"):
+        var_attrs["standard_name"] = meta["standard_name"]
     da = xr.DataArray(a, dims=dims, coords=coords, attrs=var_attrs)
-    return xr.Dataset({name: da}, attrs={"Conventions": CONVENTIONS, **dict(attrs or {})})
+    attrs = {"Conventions": CONVENTIONS, **dict(meta.get("attrs") or {})}
+    return xr.Dataset({name: da}, attrs=attrs)
 
 
 def trajectory_dataset(
     x: Any,
     times: Any,
     dims: Sequence[str],
-    name: str = "state",
-    units: str = "1",
-    long_name: str | None = None,
-    standard_name: str | None = None,
-    coords: Mapping[str, Any] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    **meta: Unpack[VarMeta],
 ) -> xr.Dataset:
     """CF dataset with one variable ``name`` of dims ``(time, *dims)`` from ``x``
-    ``(T, *S)`` (numpy or torch). ``coords[d]`` is ``values`` or ``(values, attrs)``."""
+    ``(T, *S)`` (numpy or torch); keywords as in :class:`VarMeta`."""
+    name = _meta_name(meta)
     a = _numpy(x)
     tc = time_coords(times)
     nt = tc["time"].size
@@ -288,8 +306,8 @@ def trajectory_dataset(
         raise InputError(
             f"{name}: expected an array (time={nt}, {', '.join(dims)}), got shape {a.shape}"
         )
-    c = {**tc, **spatial_coords(a.shape[1:], dims, coords)}
-    return _cf_dataset(a, ("time", *dims), c, name, units, long_name, standard_name, attrs)
+    c = {**tc, **spatial_coords(a.shape[1:], dims, meta.get("coords"))}
+    return _cf_dataset(a, ("time", *dims), c, meta)
 
 
 def member_coordinate(m: int) -> xr.DataArray:
@@ -305,15 +323,11 @@ def ensemble_dataset(
     x: Any,
     times: Any,
     dims: Sequence[str],
-    name: str = "state",
-    units: str = "1",
-    long_name: str | None = None,
-    standard_name: str | None = None,
-    coords: Mapping[str, Any] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    **meta: Unpack[VarMeta],
 ) -> xr.Dataset:
     """CF dataset with ``name`` of dims ``(time, member, *dims)`` from ``x``
     ``(T, M, *S)`` (e.g. analysis ensembles stacked over cycles)."""
+    name = _meta_name(meta)
     a = _numpy(x)
     if a.ndim != 2 + len(dims):
         raise InputError(f"{name}: expected (time, member, {', '.join(dims)}), got shape {a.shape}")
@@ -323,10 +337,10 @@ def ensemble_dataset(
     c = {
         **tc,
         "member": member_coordinate(a.shape[1]),
-        **spatial_coords(a.shape[2:], dims, coords),
+        **spatial_coords(a.shape[2:], dims, meta.get("coords")),
     }
     dims_all = ("time", "member", *dims)
-    return _cf_dataset(a, dims_all, c, name, units, long_name, standard_name, attrs)
+    return _cf_dataset(a, dims_all, c, meta)
 
 
 def forecast_dataset(
@@ -334,18 +348,14 @@ def forecast_dataset(
     reference_time: Any,
     lead_times: Any,
     dims: Sequence[str],
-    name: str = "state",
-    units: str = "1",
-    long_name: str | None = None,
-    standard_name: str | None = None,
-    coords: Mapping[str, Any] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    **meta: Unpack[VarMeta],
 ) -> xr.Dataset:
     """CF forecast dataset from ``x`` ``(M, L, *S)`` (as returned by
     ``World.forecast``): ``name`` has dims ``(time, member, *dims)`` where ``time``
     is the valid time, with the scalar ``forecast_reference_time`` and the
     auxiliary ``forecast_period(time)`` (lead). Numeric reference/lead times are
     model times (see the module docstring); otherwise a datetime and timedeltas."""
+    name = _meta_name(meta)
     a = _numpy(x)
     if a.ndim != 2 + len(dims):
         raise InputError(f"{name}: expected (member, lead, {', '.join(dims)}), got shape {a.shape}")
@@ -376,8 +386,8 @@ def forecast_dataset(
         "member": member_coordinate(a.shape[0]),
         "forecast_period": fp,
         "forecast_reference_time": ref_da,
-        **spatial_coords(a.shape[2:], dims, coords),
+        **spatial_coords(a.shape[2:], dims, meta.get("coords")),
     }
     a = np.moveaxis(a, 0, 1)
     dims_all = ("time", "member", *dims)
-    return _cf_dataset(a, dims_all, c, name, units, long_name, standard_name, attrs)
+    return _cf_dataset(a, dims_all, c, meta)

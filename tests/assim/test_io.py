@@ -197,3 +197,8 @@ def test_overwrite_replaces_content(tmp_path):
     p = io.write_dataset(_traj(nx=5), tmp_path / "o.nc")
     io.write_dataset(_traj(nx=3), p)
     assert io.read_dataset(p).sizes["x"] == 3
+
+
+def test_builders_reject_unknown_keywords():
+    with pytest.raises(TypeError, match="unit"):
+        io.trajectory_dataset(np.ones((2, 3)), [0.0, 1.0], ("x",), unit="K")
