@@ -31,6 +31,7 @@ and a :class:`~assim.impute.FieldPrior`; scores are ``(T, P)``, larger = more an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -81,20 +82,24 @@ def grid_neighbours(valid: np.ndarray, periodic_lon: bool = False) -> Tensor:
 
 def predictive(prior: FieldPrior) -> tuple[Tensor, Tensor]:
     """One-step predictive operator of the prior given a fully observed previous field:
-    ``m_k = G z_{k-1}`` with ``G = U R P_a U^T K^{-1}`` and covariance
-    ``S = U (R P_a R + Lambda (1 - R^2)) U^T + K`` where
-    ``P_a = (Lambda^{-1} + U^T K^{-1} U)^{-1}`` (exact Kalman step for the amplitudes).
-    Returns ``(G (P, P), S (P, P))``."""
+    ``m_k = G z_{k-1}`` with ``G = rho_e I + (U R - rho_e U) P_a U^T K^{-1}`` and
+    covariance ``S = B P_a B^T + U Lambda (1 - R^2) U^T + (1 - rho_e^2) K``, ``B = U R -
+    rho_e U``, ``P_a = (Lambda^{-1} + U^T K^{-1} U)^{-1}`` (exact Kalman step for the
+    amplitudes; the residual ``e_{k-1} = z_{k-1} - U a_{k-1}`` carries over with its AR(1)
+    coefficient ``rho_e``, 0 for a residual white in time). Returns ``(G, S)`` ``(P, P)``."""
     w = prior.window
     u, lam, rho, k = w.basis, w.lam, w.rho, w.resid_cov
-    chol = torch.linalg.cholesky(k)
+    re = float(w.resid_rho)
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
     if w.rank == 0:
-        return torch.zeros_like(k), k
+        return re * eye, (1 - re**2) * k
+    chol = torch.linalg.cholesky(k)
     kinv_u = torch.cholesky_solve(u, chol)
     pa = torch.linalg.inv(torch.diag(1 / lam) + u.T @ kinv_u)
-    gain = (u * rho) @ pa @ kinv_u.T
-    c = rho[:, None] * pa * rho[None, :] + torch.diag(lam * (1 - rho**2))
-    return gain, u @ c @ u.T + k
+    b = u * rho - re * u
+    gain = re * eye + b @ pa @ kinv_u.T
+    cov = b @ pa @ b.T + (u * (lam * (1 - rho**2))) @ u.T + (1 - re**2) * k
+    return gain, 0.5 * (cov + cov.T)
 
 
 def evidence_scores(
@@ -145,7 +150,7 @@ def evidence_scores(
 
 
 def _is_periodic(prior: FieldPrior) -> bool:
-    return float(prior.lon.max() - prior.lon.min()) > 300
+    return prior.geometry == "torus" or float(prior.lon.max() - prior.lon.min()) > 300
 
 
 def _block_log10p(q: Tensor, qr: Tensor, nb: Tensor) -> Tensor:
@@ -172,7 +177,11 @@ def imputation_scores(
     window: int = 12,
 ) -> Tensor:
     """``|x - mean| / sd`` of each point imputed with its group hidden, ``(T, P)``; groups
-    are a seeded random partition of the points, the same at every step."""
+    are a seeded random partition of the points, the same at every step. The prior's
+    fixed (held-out calibrated) spread is used whatever its ``spread`` model: a spread
+    learnt from the window's innovations would widen around the anomalies it should
+    reveal."""
+    prior = dataclasses.replace(prior, spread="fixed", var_factor=1.0)
     t, p = values.shape
     perm = torch.randperm(p, generator=generator)
     out = torch.full((t, p), float("nan"), dtype=torch.float64)

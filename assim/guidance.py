@@ -260,7 +260,19 @@ class Guide:
         self.chain, self.space, self.y = chain, space, y
         self.twist, self.dps_scale, self.per_obs = twist, float(dps_scale), per_obs
         self.last = len(chain.times) - 1
-        self._x_hat = self._tw = self._grad = None
+        self._x_hat = self._tw = self._grad = self._x = None
+        self._kern: tuple[int, GaussianKernel] | None = None  # a stitched kernel (stitch())
+        self._dvar: dict[int, Any] = {}  # chain.denoise_var(j) of the current chain
+
+    def _denoise_var(self, j: int) -> Any:
+        """``chain.denoise_var(j)``, cached per chain (it is called twice per step)."""
+        if j not in self._dvar:
+            self._dvar[j] = self.chain.denoise_var(j)
+        return self._dvar[j]
+
+    def _set_chain(self, chain: Any) -> None:
+        if chain is not self.chain:
+            self.chain, self._dvar = chain, {}
 
     @property
     def guided(self) -> bool:
@@ -272,13 +284,13 @@ class Guide:
         if j == self.last:
             self._tw = sp.log_likelihood(y, x, self.per_obs)
             return self._tw
-        u = ch.denoise_var(j)
+        u = self._denoise_var(j)
         if self.twist in ("dps", "dps_only"):
             self._tw, self._grad = twist_gradient(
                 x, lambda z: gaussian_twist(sp, y, ch.denoise(z, j), u, self.per_obs)
             )
         else:
-            self._x_hat = ch.denoise(x, j)
+            self._x, self._x_hat = x, ch.denoise(x, j)
             self._tw = gaussian_twist(sp, y, self._x_hat, u, self.per_obs)
         return self._tw
 
@@ -294,7 +306,10 @@ class Guide:
     ) -> tuple[Tensor, Increment]:
         """Propose ``x_{t_{j+1}}`` from ``x_{t_j}``; returns it and its incremental log-weight
         ``log[p(x_s | x_t) p~_s(y | x_s) / (q(x_s | x_t, y) p~_t(y | x_t))]``."""
-        kern = self.chain.kernel(x_t, j)
+        if self._kern is not None and self._kern[0] == j:
+            kern, self._kern = self._kern[1], None
+        else:
+            kern = self.chain.kernel(x_t, j)
         s = j + 1
         if self.space is None:
             return kern.sample(generator), Increment()
@@ -310,7 +325,7 @@ class Guide:
                     kern, self.space, self.y, kern.mean, None, None, generator, self.per_obs
                 )
             else:
-                u = self.chain.denoise_var(s)
+                u = self._denoise_var(s)
                 kappa = tweedie_slope(self.chain, s, u)
                 prop = twisted_gaussian_proposal(
                     kern, self.space, self.y, self._x_hat, kappa, u, generator, self.per_obs
@@ -331,14 +346,40 @@ class Guide:
     def reindex(self, chain: Any, idx: Tensor) -> None:
         """The particles were resampled with ancestors ``idx``; ``chain`` is rebuilt on the
         resampled conditions."""
-        self.chain = chain
+        self._set_chain(chain)
         for name in ("_x_hat", "_tw", "_grad"):
             v = getattr(self, name)
             if v is not None:
                 setattr(self, name, v[idx.to(v.device)])
 
+    def stitch(self, chain: Any, gather: Callable[[Tensor], Tensor], j: int) -> bool:
+        """Locally resampled particles ``x'[n, l] = x[idx_l[n], l]`` (``gather``) at index
+        ``j``: take the denoised state and the old chain's kernel at ``j`` column by column
+        from the ancestors instead of running the denoiser on the stitched particles, and
+        recompute the twist from the stitched denoised state (no network call).
+
+        Exact when the denoiser and the kernel act elementwise (then stitching commutes
+        with them); for a network with a wider receptive field it replaces ``D(x')`` by the
+        stitched ``D(x)`` near the seams -- an approximation on top of the local filter's.
+        Gaussian twist only; returns ``False`` (nothing done: call :meth:`refresh`) else."""
+        if self.twist != "gaussian" or not self.guided or self._x_hat is None or j >= self.last:
+            return False
+        kern = self.chain.kernel(self._x, j)  # the denoiser's memo: no second network call
+
+        def g(t: Tensor) -> Tensor:
+            t = torch.as_tensor(t)
+            return gather(t.expand_as(self._x)) if t.dim() == self._x.dim() else t
+
+        self._kern = (j, GaussianKernel(g(kern.mean), g(kern.var)))
+        self._set_chain(chain)
+        self._x_hat = gather(self._x_hat)
+        self._x = None
+        u = self._denoise_var(j)
+        self._tw = gaussian_twist(self.space, self.y, self._x_hat, u, self.per_obs)
+        return True
+
     def refresh(self, chain: Any, x: Tensor, j: int) -> None:
         """Recompute the cached twist at new particles ``x`` at index ``j``."""
-        self.chain = chain
+        self._set_chain(chain)
         if self.guided:
             self._twist_at(x, j)

@@ -45,6 +45,7 @@ __all__ = [
     "field_points",
     "fit_field_prior",
     "gaussian_diffusion_sampler",
+    "grid_geometry",
     "impute",
     "impute_array",
     "prior_for",
@@ -84,7 +85,9 @@ def impute_array(
     standardised units; converges to the exact posterior of the chain) or
     ``"replacement"`` (replacement inpainting through the same chain: biased, for
     comparison). The diffusion methods form the window's dense covariance ``(TP, TP)``:
-    keep ``window * P`` to a few thousand.
+    keep ``window * P`` to a few thousand. A prior with an AR(1) residual in time
+    (``prior.resid_rho > 0``) also solves densely: its window is capped at
+    ``6144 // P`` steps.
     """
     if method not in METHODS:
         raise InputError(f"unknown imputation method {method!r}; expected one of {list(METHODS)}")
@@ -97,12 +100,14 @@ def impute_array(
     if particles is None:
         particles = max(n, 64)
     z = prior.standardize(values, groups)
+    if prior.resid_rho and method == "exact":  # dense window posterior: cap T * P
+        window = max(1, min(window, 6144 // values.shape[1]))
     out = torch.empty((n, *values.shape), dtype=torch.float64)
     mean = torch.empty(values.shape, dtype=torch.float64)
     for k0 in range(0, values.shape[0], window):
         sl = slice(k0, k0 + window)
         if method == "exact":
-            smp, mu = prior.window.posterior(z[sl], n, generator)
+            smp, mu = prior.posterior(z[sl], n, generator)
         else:
             smp, mu = impute_window(prior, z[sl], n, method, generator, steps, particles, obs_std)
         out[:, sl] = prior.destandardize(smp, groups[sl])
@@ -166,6 +171,17 @@ def field_points(da, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return valid, lat2[valid].astype(float), lon2[valid].astype(float)
 
 
+def grid_geometry(da) -> str:
+    """``"torus"`` for a field on the periodic square of :mod:`models.physics.kolmogorov`
+    (dims ``(time, y, x)`` with coordinates in ``[0, 2 pi)``), else ``"sphere"`` (lat/lon
+    in degrees)."""
+    if tuple(da.dims[1:]) == ("y", "x"):
+        c = np.concatenate([np.asarray(da["y"].values), np.asarray(da["x"].values)])
+        if c.min() >= 0 and c.max() < 2 * np.pi:
+            return "torus"
+    return "sphere"
+
+
 @dataclass(frozen=True)
 class FieldData:
     """A ``(time, lat, lon)`` field on its ``P`` valid points: ``valid`` (lat, lon) mask,
@@ -178,6 +194,7 @@ class FieldData:
     values: Tensor
     groups: Tensor
     n_groups: int
+    geometry: str = "sphere"
 
 
 def field_data(da, mask=None) -> FieldData:
@@ -185,7 +202,8 @@ def field_data(da, mask=None) -> FieldData:
     valid, lat, lon = field_points(da, mask)
     values = torch.from_numpy(np.asarray(da.values)[:, valid].astype(np.float64))
     groups, n_groups = season_index(da[da.dims[0]])
-    return FieldData(valid, lat, lon, values, torch.from_numpy(groups), n_groups)
+    geo = grid_geometry(da)
+    return FieldData(valid, lat, lon, values, torch.from_numpy(groups), n_groups, geo)
 
 
 def prior_for(
@@ -206,6 +224,7 @@ def prior_for(
         torch.from_numpy(data.lon),
         data.n_groups,
         generator=generator,
+        geometry=data.geometry,
     )
 
 

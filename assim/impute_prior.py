@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology
+from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology, matern
 from assim.errors import InputError
 from assim.rng import rand
 from assim.smoother import GaussianWindowPrior
 
-__all__ = ["FieldPrior", "fit_field_prior", "holdout_variance_ratio", "select_rank"]
+__all__ = [
+    "FieldPrior",
+    "TorusMatern",
+    "fit_field_prior",
+    "fit_residual",
+    "holdout_variance_ratio",
+    "select_rank",
+]
 
 
 @dataclass
@@ -40,6 +47,10 @@ class FieldPrior:
     nugget: float
     scale: float
     nu: float = 1.5
+    var_factor: float = 1.0
+    spread: str = "fixed"
+    geometry: str = "sphere"
+    resid_rho: float = 0.0
     _window: GaussianWindowPrior | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -55,14 +66,32 @@ class FieldPrior:
 
     @property
     def residual(self) -> MaternOI:
-        return MaternOI(self.lat, self.lon, self.length, self.nugget, self.scale, self.nu)
+        cls = TorusMatern if self.geometry == "torus" else MaternOI
+        return cls(self.lat, self.lon, self.length, self.nugget, self.scale, self.nu)
+
+    def posterior(
+        self, z: Tensor, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Posterior samples ``(n, T, P)`` and mean ``(T, P)`` of standardised anomalies
+        ``z`` ``(T, P)`` (NaN = missing) with the prior's spread model: ``spread`` is
+        ``"fixed"`` (exact Gaussian posterior) or ``"window"`` (variance scale learnt
+        from the window's observations,
+        :meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`), deviations times
+        ``sqrt(var_factor)`` (fitted on held-out fit-period fields)."""
+        if self.spread == "fixed" and self.var_factor == 1.0:
+            return self.window.posterior(z, n, generator)
+        return self.window.posterior_scaled(z, n, generator, self.spread, 1.0, self.var_factor)
 
     @property
     def window(self) -> GaussianWindowPrior:
         """The :class:`GaussianWindowPrior` (residual covariance built on first use)."""
         if self._window is None:
             self._window = GaussianWindowPrior(
-                self.basis.double(), self.lam.double(), self.rho.double(), self.residual.cov()
+                self.basis.double(),
+                self.lam.double(),
+                self.rho.double(),
+                self.residual.cov(),
+                float(self.resid_rho),
             )
         return self._window
 
@@ -77,6 +106,8 @@ class FieldPrior:
         keys = ("lat", "lon", "clim_mean", "clim_std", "basis", "lam", "rho")
         out = {k: getattr(self, k).float() for k in keys}
         out.update(length=self.length, nugget=self.nugget, scale=self.scale, nu=self.nu)
+        out.update(var_factor=self.var_factor, spread=self.spread, geometry=self.geometry)
+        out["resid_rho"] = self.resid_rho
         out["kind"] = "gaussian_field_prior"
         return out
 
@@ -93,7 +124,57 @@ class FieldPrior:
             nugget=sd["nugget"],
             scale=sd["scale"],
             nu=sd["nu"],
+            var_factor=float(sd.get("var_factor", 1.0)),
+            spread=str(sd.get("spread", "fixed")),
+            geometry=str(sd.get("geometry", "sphere")),
+            resid_rho=float(sd.get("resid_rho", 0.0)),
         )
+
+
+class TorusMatern(MaternOI):
+    """:class:`~assim.baselines.MaternOI` on the periodic square ``[0, 2 pi)^2``: ``lat``
+    and ``lon`` hold ``y`` and ``x`` in radians and the distance is the chordal one of
+    the flat-torus embedding ``(cos x, sin x, cos y, sin y)`` in R^4 (periodic, ~Euclidean
+    at short range; a Matérn kernel of a Euclidean distance is positive definite in any
+    dimension, so the kernel is too). ``length`` is in radians."""
+
+    def cov(self, idx_a: Tensor | None = None, idx_b: Tensor | None = None) -> Tensor:
+        full = torch.arange(self.lat.numel(), device=self.lat.device)
+        ia = full if idx_a is None else idx_a
+        ib = full if idx_b is None else idx_b
+
+        def emb(i: Tensor) -> Tensor:
+            y, x = self.lat[i].double(), self.lon[i].double()
+            return torch.stack([x.cos(), x.sin(), y.cos(), y.sin()], -1)
+
+        d = torch.cdist(emb(ia), emb(ib), compute_mode="donot_use_mm_for_euclid_dist")
+        c = (1 - self.nugget) * matern(d, self.length, self.nu)
+        c = c + self.nugget * (ia[:, None] == ib[None, :]).double()
+        return self.scale * c
+
+
+def fit_residual(
+    z: Tensor, lat: Tensor, lon: Tensor, geometry: str = "sphere", generator=None
+) -> MaternOI:
+    """Matérn residual by leave-one-out CV on fully observed fields ``z`` ``(T, P)``:
+    :func:`assim.baselines.fit_matern_oi` on the sphere; on the torus the same LOO
+    log predictive density over lengths (radians) and nuggets (at most 2000 points)."""
+    if geometry == "sphere":
+        return fit_matern_oi(z, lat, lon, generator=generator)
+    if geometry != "torus":
+        raise InputError(f"geometry must be 'sphere' or 'torus', got {geometry!r}")
+    p = z.shape[1]
+    sub = torch.randperm(p, generator=generator)[:2000] if p > 2000 else torch.arange(p)
+    best, best_score = None, -math.inf
+    for length in (0.1, 0.2, 0.4, 0.8, 1.6):
+        for nug in (0.002, 0.01, 0.05, 0.2):
+            oi = TorusMatern(lat[sub].double(), lon[sub].double(), length, nug, 1.0)
+            r, v = oi.loo(z[:, sub].double())
+            sc = float((r**2 / v).mean())
+            lpd = float((-0.5 * (r**2 / (v * sc) + torch.log(2 * math.pi * v * sc))).mean())
+            if lpd > best_score:
+                best, best_score = (length, nug, sc), lpd
+    return TorusMatern(lat.double(), lon.double(), *best)
 
 
 def _ppca_val_loglik(u: Tensor, lam: Tensor, d: Tensor, z: Tensor) -> float:
@@ -142,6 +223,9 @@ def fit_field_prior(
     rank: int | None = None,
     generator: torch.Generator | None = None,
     calibrate: bool = True,
+    spread: str = "local",
+    geometry: str = "sphere",
+    temporal_residual: bool | None = None,
 ) -> FieldPrior:
     """Fit the default prior on fit-period fields ``values`` ``(T, P)`` (NaN allowed).
 
@@ -149,12 +233,30 @@ def fit_field_prior(
     2. EOFs of the standardised anomalies (rank by :func:`select_rank` unless given),
        eigenvalues ``lam_i = s_i^2 / T`` and AR(1) coefficients = lag-1 autocorrelation of
        the principal components (clamped to ``[0, 0.98]``);
-    3. Matérn residual by leave-one-out CV (:func:`assim.baselines.fit_matern_oi`), its
+    3. Matérn residual by leave-one-out CV (:func:`fit_residual`; ``geometry`` "sphere":
+       lat/lon in degrees, "torus": y/x in radians on the periodic square), its
        variance inflated by the ratio of held-out to in-sample residual variance (the
        in-sample residual of sample EOFs is too small);
     4. (``calibrate``) one global variance factor from held-out imputation
-       (:func:`holdout_variance_ratio`).
+       (:func:`holdout_variance_ratio`) multiplies the prior covariance;
+    5. ``spread``, the posterior spread model (:meth:`FieldPrior.posterior`,
+       :meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`): ``"local"``
+       (default) scales the leave-one-out-like share of each missing value's variance by
+       the size of the innovations observed around it in the same window, the rest
+       keeps the calibrated prior's spread of step 4 (inflated when the window's
+       anomalies are larger than the fit period's); it is self-calibrating, so
+       ``var_factor`` stays 1. With ``"window"`` one scale per window is learnt and
+       (``calibrate``) ``var_factor`` is fitted by held-out imputation with that model.
+       ``"fixed"``: the step-4 prior as is (the behaviour before spread models existed).
+    6. ``temporal_residual``: an AR(1) residual in time, ``e_k = rho_e e_{k-1} +
+       sqrt(1 - rho_e^2) xi_k`` with ``rho_e`` the lag-1 autocorrelation of the EOF
+       residual; ``None`` (auto) keeps it when ``rho_e >= 0.3`` (e.g. turbulence sampled
+       faster than it decorrelates), else the residual is white in time. It makes the
+       posterior dense in the window (:meth:`GaussianWindowPrior._dense_posterior`).
+       All calibration uses the fit fields only, never the fields being imputed.
     """
+    if spread not in ("fixed", "window", "local"):
+        raise InputError(f"spread must be 'fixed', 'window' or 'local', got {spread!r}")
     values = values.double()
     mean, std = grouped_climatology(values, groups, n_groups)
     z = ((values - mean[groups.long()]) / std).nan_to_num(0.0)
@@ -172,7 +274,11 @@ def fit_field_prior(
     else:
         rho = torch.zeros(0, dtype=z.dtype)
     resid = z - pcs @ u.T
-    oi = fit_matern_oi(resid, lat, lon, generator=generator)
+    ra, rb = resid[:-1], resid[1:]
+    rho_e = float(((ra * rb).sum() / (ra * ra).sum().clamp_min(1e-12)).clamp(0.0, 0.98))
+    if temporal_residual is None:
+        temporal_residual = rho_e >= 0.3
+    oi = fit_residual(resid, lat, lon, geometry, generator)
     # held-out inflation of the residual variance
     n_tr = max(2, int(0.75 * t))
     if r and t - n_tr >= 1:
@@ -195,23 +301,33 @@ def fit_field_prior(
         oi.nugget,
         oi.scale * infl,
         oi.nu,
+        geometry=geometry,
+        resid_rho=rho_e if temporal_residual else 0.0,
     )
     if calibrate and t - n_tr >= 1:
         c = holdout_variance_ratio(prior, z, n_tr, generator)
         prior.lam, prior.scale, prior._window = prior.lam * c, prior.scale * c, None
         prior._cache.clear()
+        if spread == "window":
+            prior.var_factor = holdout_variance_ratio(prior, z, n_tr, generator, spread)
+    prior.spread = spread
     return prior
 
 
 def holdout_variance_ratio(
-    prior: FieldPrior, z: Tensor, n_tr: int, generator: torch.Generator | None = None
+    prior: FieldPrior,
+    z: Tensor,
+    n_tr: int,
+    generator: torch.Generator | None = None,
+    spread: str = "fixed",
 ) -> float:
     """Global variance factor ``c = mean(err^2) / mean(posterior var)`` of imputing 30 %
     of the points at random and a contiguous band of a sixth of them in the held-out
     fields ``z[n_tr:]`` with EOFs refitted on ``z[:n_tr]``
     (same residual). Scaling the whole prior covariance by ``c`` leaves the posterior
     mean of exactly observed data unchanged and calibrates its spread; clamped to
-    ``[0.5, 4]``."""
+    ``[0.5, 4]``. ``spread``: the posterior spread model the factor is fitted for
+    (:meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`)."""
     r = prior.basis.shape[1]
     _, s, vh = torch.linalg.svd(z[:n_tr], full_matrices=False)
     sub = GaussianWindowPrior(
@@ -219,6 +335,7 @@ def holdout_variance_ratio(
         (s[:r] ** 2 / n_tr).clamp_min(1e-8),
         prior.rho,
         prior.window.resid_cov,
+        prior.resid_rho,
     )
     val = z[n_tr:].clone()
     hid = rand(val.shape, generator, device=val.device, dtype=val.dtype) < 0.3
@@ -226,7 +343,11 @@ def holdout_variance_ratio(
     j0 = int(torch.randint(0, max(1, p - p // 6), (1,), generator=generator))
     hid[:, j0 : j0 + p // 6] = True
     masked = val.masked_fill(hid, float("nan"))
-    smp, mean = sub.posterior(masked, 32, generator)
-    err2 = ((mean - val)[hid] ** 2).mean()
-    var = smp.var(0)[hid].mean()
+    step = max(1, 6144 // p) if sub.resid_rho else val.shape[0]  # dense posterior: cap T P
+    err2, var = 0.0, 0.0
+    for k0 in range(0, val.shape[0], step):
+        sl = slice(k0, k0 + step)
+        smp, mean = sub.posterior_scaled(masked[sl], 32, generator, spread)
+        err2 = err2 + ((mean - val[sl])[hid[sl]] ** 2).sum()
+        var = var + smp.var(0)[hid[sl]].sum()
     return float((err2 / var).clamp(0.5, 4.0))

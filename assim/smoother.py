@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from assim.errors import InputError
-from assim.rng import randn
+from assim.rng import rand, randn
 from assim.twisted import DiffusionChain, TwistedResult, twisted_inpaint, twisted_smc
 
 __all__ = [
@@ -63,6 +63,7 @@ class GaussianWindowPrior:
     lam: Tensor
     rho: Tensor
     resid_cov: Tensor
+    resid_rho: float = 0.0
     _chol_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -79,13 +80,17 @@ class GaussianWindowPrior:
             self.lam.to(device),
             self.rho.to(device),
             self.resid_cov.to(device),
+            self.resid_rho,
         )
 
     def dense_cov(self, n_steps: int) -> Tensor:
-        """Covariance of a whole window flattened ``(k, p)``: ``W C_a W^T + I_T (x) K``,
-        ``(TP, TP)`` (``W = I_T (x) U``); dense, for small windows and tests."""
+        """Covariance of a whole window flattened ``(k, p)``: ``W C_a W^T + R_T (x) K``,
+        ``(TP, TP)`` (``W = I_T (x) U``, ``(R_T)_kl = resid_rho^|k-l|``); dense, for
+        small windows, tests and the AR(1)-residual posterior."""
         big = torch.block_diag(*[self.basis] * n_steps)
-        cov = torch.block_diag(*[self.resid_cov] * n_steps)
+        k = torch.arange(n_steps, device=self.resid_cov.device, dtype=self.resid_cov.dtype)
+        r_t = float(self.resid_rho) ** (k[:, None] - k[None, :]).abs()
+        cov = torch.kron(r_t, self.resid_cov)
         if self.rank:
             cov = cov + big @ self.amp_cov(n_steps) @ big.T
         return 0.5 * (cov + cov.T)
@@ -95,9 +100,9 @@ class GaussianWindowPrior:
         return (self.basis * self.lam) @ self.basis.T + self.resid_cov
 
     def lag_cov_diag(self) -> Tensor:
-        """Per-point lag-1 covariance ``Cov(z_{k,p}, z_{k-1,p})`` ``(P,)`` (residual is
-        temporally independent)."""
-        return (self.basis**2 * (self.lam * self.rho)).sum(1)
+        """Per-point lag-1 covariance ``Cov(z_{k,p}, z_{k-1,p})`` ``(P,)``."""
+        eof = (self.basis**2 * (self.lam * self.rho)).sum(1)
+        return eof + self.resid_rho * torch.diagonal(self.resid_cov)
 
     def amp_cov(self, n_steps: int) -> Tensor:
         """Covariance of the stacked amplitudes ``a`` ordered ``(k, i)``, ``(rT, rT)``:
@@ -134,6 +139,10 @@ class GaussianWindowPrior:
                 a[:, k] = self.rho * a[:, k - 1] + innov * eps[:, k, :r]
         full = torch.arange(p, device=dev)
         e = eps[..., r:] @ self._chol(full).T
+        if self.resid_rho:  # AR(1) in time, stationary: e_k = rho e_{k-1} + sqrt(1-rho^2) xi
+            c = (1 - self.resid_rho**2) ** 0.5
+            for k in range(1, n_steps):
+                e[:, k] = self.resid_rho * e[:, k - 1] + c * e[:, k]
         return a @ self.basis.T + e
 
     def posterior(
@@ -148,14 +157,120 @@ class GaussianWindowPrior:
         Observed entries of the returned samples equal ``z`` up to round-off; callers
         that need them bit for bit copy them back (:func:`assim.impute.impute_array`).
         """
+        smp, mean, _, _, _ = self._posterior(z, n, generator)
+        return smp, mean
+
+    def posterior_scaled(
+        self,
+        z: Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        scale: str = "window",
+        dof: float = 1.0,
+        var_factor: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
+        """Posterior samples ``(n, T, P)`` and mean ``(T, P)`` of a prior ``N(0, s2 Sigma)``
+        whose variance scale ``s2`` is learnt from the window's own observations; the
+        deviations from the mean are further multiplied by ``sqrt(var_factor)`` (a
+        calibration factor fitted on held-out data, :mod:`assim.impute_prior`).
+
+        - ``scale="fixed"``: ``s2 = 1`` (:meth:`posterior` times ``var_factor``).
+        - ``scale="window"``: one scale for the window, ``s2 ~ InvGamma(dof/2, dof/2)``
+          a priori (mean ~1, ``dof`` pseudo-observations). Conjugacy:
+          ``s2 | y ~ InvGamma((dof + n_O)/2, (dof + q)/2)`` with the Mahalanobis norm
+          ``q = y^T Sigma_OO^{-1} y`` of the ``n_O`` observed entries, and
+          ``z_M | y, s2 ~ N(m, s2 Sigma_M|O)`` whose mean ``m`` does not depend on ``s2``;
+          so one ``s2`` is drawn per sample and the Matheron deviation (an exact draw of
+          ``N(0, Sigma_M|O)``) is multiplied by ``sqrt(var_factor s2)`` (exact draws of
+          the scale mixture; Gelman et al., BDA3 §3.3).
+        - ``scale="local"``: a scale per point and step for the part of the posterior
+          variance that is "leave-one-out like". The local innovation scale is
+          ``s2_loc_p = (dof + sum_i w_pi e_i^2) / (dof + sum_i w_pi)`` from the
+          standardised leave-one-out residuals ``e_i`` of the observed entries of every
+          step of the window, ``e_i = alpha_i / sqrt(Q_ii)`` with ``alpha = Sigma_OO^{-1}
+          y`` (Rasmussen & Williams eq. 5.12; ``Q_ii`` approximated by the residual
+          block's ``(K_OO^{-1})_ii``, which ignores the EOF part's small correction),
+          weighted by the residual correlation ``w_pi = max(0, K_pi / sqrt(K_pp K_ii))``.
+          It applies to the share ``kappa = v_loo / v_post`` (clamped to [0, 1]) of the
+          posterior variance ``v_post`` (estimated from at least 16 Matheron draws) that
+          a point would have with all its neighbours observed, ``v_loo_p = 1 /
+          (K^{-1})_pp``; the rest (a gap's large-scale uncertainty) keeps the prior's
+          scale, inflated (never deflated) by the window scale of ``"window"``:
+          ``s2 = kappa s2_loc + (1 - kappa) max(1, (dof + q) / (dof + n_O))``. An isolated
+          missing point thus gets the size of the innovations around it (heteroscedastic
+          errors), the inside of a large gap the calibrated prior's spread, widened in a
+          regime with larger anomalies than the fit period (``q / n_O`` is dominated by
+          small scales, so it is only trusted to inflate).
+        """
+        if scale not in ("fixed", "window", "local"):
+            raise ValueError(f"scale must be 'fixed', 'window' or 'local', got {scale!r}")
+        n_draw = max(n, 16) if scale == "local" else n
+        smp, mean, quad, n_obs, local = self._posterior(z, n_draw, generator, scale == "local")
+        dev = (smp - mean) * float(var_factor) ** 0.5
+        if scale == "window":
+            shape, rate = 0.5 * (dof + n_obs), 0.5 * (dof + float(quad))
+            s2 = rate / _gamma(shape, n, generator).to(smp)
+            dev = dev * s2.sqrt()[:, None, None]
+        elif scale == "local":
+            num, den = local
+            v_post = (smp - mean).var(0).clamp_min(1e-300)
+            kappa = (self.loo_var() / v_post).clamp(0.0, 1.0)
+            far = max(1.0, (dof + float(quad)) / (dof + n_obs))
+            s2 = kappa * (dof + num) / (dof + den) + (1 - kappa) * far
+            dev = dev[:n] * s2.sqrt()
+        return mean + dev, mean
+
+    def _dense_posterior(self, z: Tensor, zs: Tensor, obs: Tensor, local: bool):
+        """:meth:`_posterior` with the dense window covariance (AR(1) residual: the
+        Woodbury block structure is lost). Cost ``O((T n_O)^3)``: keep ``T P`` to a few
+        thousand (:func:`assim.impute.impute_array` shortens the window)."""
+        n = zs.shape[0] - 1
+        n_steps, p = z.shape
+        cov = self.dense_cov(n_steps)
+        io = obs.flatten().nonzero().squeeze(1)
+        chol = torch.linalg.cholesky(cov[io][:, io])
+        y = z.flatten()[io]
+        alpha = torch.cholesky_solve((y - zs.flatten(1)[:, io]).T, chol).T  # (n+1, n_O)
+        out = zs + (alpha @ cov[io]).reshape(n + 1, n_steps, p)
+        quad = alpha[n] @ y
+        stats = None
+        if local:
+            sd = torch.diagonal(self.resid_cov).sqrt()
+            w = (self.resid_cov / (sd[:, None] * sd[None, :])).clamp_min(0)
+            e2 = torch.zeros(n_steps * p, dtype=z.dtype, device=z.device)
+            e2[io] = alpha[n] ** 2 / torch.diagonal(torch.cholesky_inverse(chol))
+            stats = (e2.reshape(n_steps, p).sum(0) @ w, obs.to(z.dtype).sum(0) @ w)
+        return out[:n], out[n], quad, int(obs.sum()), stats
+
+    def loo_var(self) -> Tensor:
+        """Residual variance of each point given all others, ``1 / (K^{-1})_pp`` ``(P,)``
+        (cached)."""
+        if "loo_var" not in self._chol_cache:
+            full = torch.arange(self.n_points, device=self.resid_cov.device)
+            prec = torch.cholesky_inverse(self._chol(full))
+            self._chol_cache["loo_var"] = 1.0 / torch.diagonal(prec)
+        return self._chol_cache["loo_var"]
+
+    def mahalanobis(self, z: Tensor) -> tuple[float, int]:
+        """``(q, n_O)``: ``q = y^T Sigma_OO^{-1} y`` over the observed entries of ``z``."""
+        _, _, quad, n_obs, _ = self._posterior(z, 0, None)
+        return float(quad), n_obs
+
+    def _posterior(
+        self, z: Tensor, n: int, generator: torch.Generator | None, local: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor, int, tuple[Tensor, Tensor] | None]:
+        """Matheron samples, mean path, ``q``, ``n_O`` and (``local``) the weighted sums
+        ``(sum_i w_pi e_i^2, sum_i w_pi)`` ``(P,)`` of :meth:`posterior_scaled`."""
         z = z.to(self.resid_cov)
         n_steps, p = z.shape
         if p != self.n_points:
             raise ValueError(f"window has {p} points, prior has {self.n_points}")
         r = self.rank
         prior = self.sample(n, n_steps, generator)
-        zs = torch.cat([prior, torch.zeros_like(prior[:1])], 0)  # last: mean path
+        zs = torch.cat([prior, prior.new_zeros(1, n_steps, p)], 0)  # last: mean path
         obs = torch.isfinite(z)
+        if self.resid_rho:
+            return self._dense_posterior(z, zs, obs, local)
         idx = [obs[k].nonzero().squeeze(1) for k in range(n_steps)]
         # B^{-1} d_k and B^{-1} U_{O_k}
         binv_d, binv_u = [], []
@@ -177,6 +292,10 @@ class GaussianWindowPrior:
                 g[k] = uo.T @ bu
                 b[:, k] = bd @ uo
         out = zs.clone()
+        quad = torch.zeros((), dtype=z.dtype, device=z.device)
+        num = torch.zeros(p, dtype=z.dtype, device=z.device)
+        den = torch.zeros(p, dtype=z.dtype, device=z.device)
+        sd = torch.diagonal(self.resid_cov).sqrt()
         if r:
             ca = self.amp_cov(n_steps)
             s = torch.linalg.inv(ca) + torch.block_diag(*g)
@@ -186,13 +305,39 @@ class GaussianWindowPrior:
             if io.numel() == 0:
                 continue
             alpha = binv_d[k] - (c[:, k] @ binv_u[k].T if r else 0.0)
+            quad = quad + alpha[n] @ z[k, io]  # the mean path: alpha = Sigma_OO^{-1} y
             out[:, k] += alpha @ self.resid_cov[io]
+            if local:
+                qd = torch.diagonal(torch.cholesky_inverse(self._chol(io)))
+                w = (self.resid_cov[io] / (sd[io, None] * sd[None, :])).clamp_min(0)
+                num += (alpha[n] ** 2 / qd) @ w
+                den += w.sum(0)
             if r:
                 wt_alpha[:, k] = alpha @ self.basis[io]
         if r:
             amp = (wt_alpha.reshape(n + 1, -1) @ ca).reshape(n + 1, n_steps, r)
             out += amp @ self.basis.T
-        return out[:n], out[n]
+        return out[:n], out[n], quad, int(obs.sum()), ((num, den) if local else None)
+
+
+def _gamma(shape: float, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` draws of ``Gamma(shape, 1)`` (float64) from ``generator``: Marsaglia & Tsang
+    (2000) squeeze/rejection for ``shape >= 1``, boosted by ``U^(1/shape)`` below 1."""
+    a = shape if shape >= 1 else shape + 1.0
+    d = a - 1.0 / 3.0
+    c = 1.0 / (9.0 * d) ** 0.5
+    out = torch.empty(0, dtype=torch.float64)
+    while out.numel() < n:
+        m = 2 * (n - out.numel()) + 8
+        x = randn((m,), generator, dtype=torch.float64)
+        u = rand((m,), generator, dtype=torch.float64)
+        v = (1 + c * x) ** 3
+        ok = (v > 0) & (u.log() < 0.5 * x**2 + d - d * v + d * v.clamp_min(1e-300).log())
+        out = torch.cat([out, (d * v)[ok]])
+    out = out[:n]
+    if shape < 1:
+        out = out * rand((n,), generator, dtype=torch.float64) ** (1.0 / shape)
+    return out
 
 
 def gaussian_conditional(mu: Tensor, cov: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

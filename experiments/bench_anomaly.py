@@ -10,6 +10,9 @@ type; seeds 0, 1, 2.
 
     python experiments/bench_anomaly.py [--quick] [--datasets ...] [--methods ...]
 
+Datasets as in ``bench_impute.py``, including ``kolmogorov32`` / ``kolmogorov64``
+(simulated vorticity; "local climatological std" = the per-point std of the fit period).
+
 Writes ``experiments/results/bench_anomaly.{md,csv}`` and ``anomaly_<dataset>.png``.
 """
 
@@ -26,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assim.anomaly import dte_scores, evidence_scores, imputation_scores  # noqa: E402
-from assim.baselines import fit_matern_oi  # noqa: E402
-from assim.impute import field_points, fit_field_prior, season_index  # noqa: E402
+from assim.impute import field_points, fit_field_prior, grid_geometry, season_index  # noqa: E402
+from assim.impute_prior import fit_residual  # noqa: E402
 from experiments.bench_impute import DATASETS, RESULTS, load  # noqa: E402
 
 TYPES = ("spike", "level shift", "drift", "frozen")
@@ -103,11 +106,12 @@ def run_dataset(name, seeds, methods, log):
     la, lo = torch.from_numpy(lat), torch.from_numpy(lon)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
+    geo = grid_geometry(da)
     prior = fit_field_prior(
-        torch.from_numpy(vals[:n_fit]), g[:n_fit], la, lo, n_groups, generator=gen
+        torch.from_numpy(vals[:n_fit]), g[:n_fit], la, lo, n_groups, generator=gen, geometry=geo
     )
     z_fit = prior.standardize(torch.from_numpy(vals[:n_fit]), g[:n_fit])
-    oi = fit_matern_oi(z_fit, la, lo, generator=gen)
+    oi = fit_residual(z_fit, la, lo, geo, generator=gen)
     log(f"[{name}] fitted prior (rank {prior.basis.shape[1]}) and OI in {time.time() - t0:.0f}s")
     # OI precision once: LOO residual r_i / sqrt(var_i) = (Q z)_i / sqrt(Q_ii)
     # (the same statistic as assim.baselines.oi_loo_residual, without refactorising)

@@ -50,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass(frozen=True)
 class Method:
     label: str
-    kind: str  # etkf / enkf / letkf / pf / clim / oi / var3d
+    kind: str  # etkf / enkf / enkf-n / letkf / pf / clim / oi / var3d
     n: int = 0
     opts: dict = field(default_factory=dict)
     ref: str = ""
@@ -71,7 +71,7 @@ def _pf(n: int, reg: float, ner: float, d: int, ref: str) -> Method:
     # DAPPER's PartFilt: resample when ESS < NER * N, then jitter with
     # reg * N^(-1/(d+4)) (Silverman bandwidth) times the weighted covariance.
     return Method(
-        f"bootstrap PF N={n}",
+        f"bootstrap PF N={n} reg {reg} NER {ner}",
         "pf",
         n,
         {"threshold": ner, "jitter": reg * n ** (-1.0 / (d + 4))},
@@ -96,6 +96,10 @@ SETTINGS: dict[str, Setting] = {
                 "LETKF N=7 loc 4 infl 1.04", "letkf", 7, {"inflation": 1.04, "radius": 4.0}, "0.215"
             ),
             _pf(3000, 0.7, 0.5, 40, "0.249"),
+            # same filter as DAPPER's PartFilt, tuned within its options (reg 0.6 lost
+            # seed 2 of 3 from DAPPER's X0)
+            _pf(3000, 0.6, 0.5, 40, "0.249"),
+            _pf(3000, 0.65, 0.5, 40, "0.249"),
         ),
     ),
     "L96-sparse": Setting(
@@ -185,6 +189,15 @@ SETTINGS: dict[str, Setting] = {
             # with rot=True; BENCHMARKS.md's "EnKF N=10 0.57" names no flavour
             Method("EnKF (pert. obs) N=10 infl 1.04", "enkf", 10, {"inflation": 1.04}, "0.65"),
             Method("EnKF-sqrt (ETKF) N=10 infl 1.02", "etkf", 10, {"inflation": 1.02}, "0.60"),
+            Method(
+                "EnKF-sqrt (ETKF) N=10 infl 1.02 rot",
+                "etkf",
+                10,
+                {"inflation": 1.02, "rotate": True},
+                "0.60 (DAPPER doc)",
+            ),
+            Method("EnKF-N N=10 rot", "enkf-n", 10, {"rotate": True}, "0.54 (DAPPER doc); 0.57"),
+            Method("EnKF-N N=10", "enkf-n", 10, {}, "0.57"),
             _pf(100, 2.4, 0.3, 3, "0.38"),
             _pf(4000, 0.7, 0.05, 3, "0.26"),
         ),
@@ -204,7 +217,19 @@ SETTINGS: dict[str, Setting] = {
                 {"inflation": 1.02},
                 "5e-4 when locked; EnKF N=10 lost 2-3/10",
             ),
+            Method(
+                "EnKF (pert. obs) N=10 infl 1.04",
+                "enkf",
+                10,
+                {"inflation": 1.04},
+                "EnKF N=10 lost 2-3/10",
+            ),
+            Method("EnKF-N N=10 rot", "enkf-n", 10, {"rotate": True}, "EnKF N=10 lost 2-3/10"),
             _pf(1000, 0.7, 0.3, 3, "PF N=1000 lost 6/10"),
+            # stronger regularisation (DAPPER's L63 tuning for small N): tried on 10 seeds
+            _pf(1000, 2.4, 0.3, 3, "PF N=1000 lost 6/10"),
+            _pf(1000, 1.2, 0.5, 3, "PF N=1000 lost 6/10"),
+            _pf(1000, 4.0, 0.5, 3, "PF N=1000 lost 6/10"),
         ),
     ),
 }
@@ -349,13 +374,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write_outputs(rows: list[dict], tag: str, seeds: int) -> None:
     """Print and atomically write ``classical{tag}.md`` / ``.csv`` / ``.png``."""
+    noted = "note" in rows[0]
     head = (
         "| setting | method | rmse.a median [range] | diverged | cycles/s | cycles | "
-        "DAPPER reference |\n|---|---|---|---|---|---|---|\n"
+        "DAPPER reference |"
+        + (" run |" if noted else "")
+        + "\n|---|---|---|---|---|---|---|"
+        + ("---|" if noted else "")
+        + "\n"
     )
     body = "".join(
         f"| {r['setting']} | {r['method']} | {r['rmse_a']} | {r['diverged']} | "
-        f"{r['cycles_per_s']:.0f} | {r['cycles']} | {r['reference']} |\n"
+        f"{r['cycles_per_s']:.0f} | {r['cycles']} | {r['reference']} |"
+        + (f" {r['note']} |" if noted else "")
+        + "\n"
         for r in rows
     )
     note = (
@@ -380,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="setting ids")
     p.add_argument("--methods", nargs="*", default=None, help="substrings of method labels")
     p.add_argument("--pf-cycles", type=int, default=None, help="cap cycles of PF rows")
+    p.add_argument("--cycles", type=int, default=None, help="cycles of every row")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument(
         "--merge",
@@ -409,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         if sid not in SETTINGS:
             p.error(f"--only: unknown setting {sid!r}; known: {sorted(SETTINGS)}")
         s = SETTINGS[sid]
-        full_k = 200 if args.quick else s.cycles
+        full_k = 200 if args.quick else (args.cycles or s.cycles)
         burn = 50 if args.quick else s.burn_in
-        data = [simulate(s, seed, full_k) for seed in range(seeds)]
+        seed_ids = range(args.first_seed, args.first_seed + seeds)
+        data = [simulate(s, seed, full_k) for seed in seed_ids]
         clim_spread = float(torch.stack([t[burn:].std(0) for t, _ in data]).pow(2).mean().sqrt())
         for m in s.methods:
             if args.methods and not any(q.lower() in m.label.lower() for q in args.methods):
@@ -419,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and m.kind == "pf":
                 m = Method(m.label + " (quick: N=100)", "pf", 100, m.opts, m.ref)
             vals, speeds, ks = [], [], []
-            for seed, (truth, ys) in enumerate(data):
+            for seed, (truth, ys) in zip(seed_ids, data, strict=True):
                 k = full_k
                 if m.kind == "pf" and args.pf_cycles:
                     k = min(k, args.pf_cycles)

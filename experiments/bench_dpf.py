@@ -29,6 +29,11 @@ the test assumes independence, so small p is expected from time correlation), me
 divergence (``rmse.a`` > half the climatological spread of the truth run: 1.8 for L96),
 analysis cycles/s (1 thread).
 
+Options beyond the defaults: ``--adapt-q RHO --q-range LO HI`` (dpf/ldpf: model-error
+level adapted from the innovations, :class:`~assim.filters.dpf.DiffusionParticleFilter`
+``adapt_q``; the table shows the median mean ``q`` used), ``--sampler ddim --eta 0``
+(deterministic learned step), ``--etkf-rtps``.
+
 ``python experiments/bench_dpf.py --quick`` (< 60 s) ;
 ``python experiments/bench_dpf.py --cycles 2000 --seeds 0 1 2 --jobs 1`` (long; run it
 in the background). Results: ``experiments/results/bench_dpf_<setting>.{md,json,png}``.
@@ -162,19 +167,24 @@ def truth_and_obs(setting: str, cycles: int, seed: int):
 
 def make_method(name: str, n: int, args):
     """``(filter, world_kind)``."""
+    adapt = dict(adapt_q=getattr(args, "adapt_q", 0.0), q_range=getattr(args, "q_range", None))
     if name.startswith("dpf"):
-        return make_dpf(None, twist=args.twist, inner_threshold=args.inner), "diff"
+        return make_dpf(None, twist=args.twist, inner_threshold=args.inner, **adapt), "diff"
     if name.startswith("ldpf"):
-        return make_dpf(None, radius=args.radius, inner_threshold=args.inner), "diff"
+        reuse = getattr(args, "reuse", None)
+        filt = make_dpf(None, radius=args.radius, inner_threshold=args.inner,
+                        reuse_denoised=None if reuse is None else bool(reuse), **adapt)  # fmt: skip
+        return filt, "diff"
     if name.startswith("pf"):
         return BootstrapPF(), "diff"
     if name.startswith("letkf"):
         filt = make_filter("letkf", inflation=args.letkf_infl, radius=args.letkf_radius)
         return filt, "true" if name.endswith("-true") else "diff"
+    rtps = getattr(args, "etkf_rtps", 0.0)
     if name.startswith("etkf-true"):
-        return make_filter("etkf", inflation=args.etkf_infl), "true"
+        return make_filter("etkf", inflation=args.etkf_infl, rtps=rtps), "true"
     if name.startswith("etkf"):
-        return make_filter("etkf", inflation=args.etkf_infl), "diff"
+        return make_filter("etkf", inflation=args.etkf_infl, rtps=rtps), "diff"
     raise ValueError(name)
 
 
@@ -193,7 +203,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         import models
 
         world = models.load(str(CKPTS[sysname]), device="cpu")
-        world.configure(steps=args.steps, q=q)
+        world.configure(steps=args.steps, q=q, sampler=getattr(args, "sampler", None),
+                        eta=getattr(args, "eta", None))  # fmt: skip
         world.eval()
     else:
         world = ExactModelErrorWorld(physical_world(sysname), max(q, 0.05), args.steps)
@@ -202,7 +213,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     g = torch.Generator().manual_seed(1000 + seed)
     ens = Ensemble(x0_draw(setting, n, g))
     analysed = []  # analysis steps (an observation was assimilated): DAPPER's rmse.a
-    err, spread, ess_list, inner_list, ranks_e, ranks_y = [], [], [], [], [], []
+    err, spread, ess_list, inner_list, ranks_e, ranks_y, qs = [], [], [], [], [], [], []
     t0 = time.time()
     with torch.no_grad():
         for k in range(args.cycles):
@@ -216,6 +227,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
                 ess_list.append(float(info.get("ess", n)))
                 inner = info.get("min_inner_ess", math.nan)
                 inner_list.append(float(inner) if inner is not None else math.nan)
+                if info.get("q") is not None:
+                    qs.append(float(info["q"]))
             if k >= args.burn and analysed[-1] and len(ess_list) % 5 == 0:
                 idx = systematic(ens.log_w, n, g)  # equally weighted members for ranks
                 ranks_e.append(ens.x[idx])
@@ -242,8 +255,18 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         diverged=bool(not math.isfinite(rmse_a) or rmse_a > clim_half), cycles=len(err),
         analysis_cycles=sum(analysed), steps_per_s=len(err) / secs,
         world=args.world if kind == "diff" else "true", steps=args.steps, q=q,
+        q_mean=_nanmean(qs), q_last=qs[-1] if qs else math.nan,
         rmse_series=err[:: max(1, len(err) // 200)],
     )  # fmt: skip
+
+
+def _qnote(rows: list[dict]) -> str:
+    """`` (used 0.31)``: the median over runs of the mean q used when q was adapted."""
+    used = [r.get("q_mean", math.nan) for r in rows]
+    if all(math.isfinite(u) and abs(u - r["q"]) < 1e-6 for u, r in zip(used, rows, strict=True)):
+        return ""
+    used = [u for u in used if math.isfinite(u)]
+    return f" (used {sorted(used)[len(used) // 2]:.2f})" if used else ""
 
 
 def _nanmean(v: list[float]) -> float:
@@ -272,8 +295,8 @@ def summarise(rows: list[dict], setting: str) -> str:
         v = [r["rmse_a"] for r in rs]
         ss, rp = median(r["spread_skill"] for r in rs), median(r["rank_p"] for r in rs)
         lines.append(
-            f"| {method} | {world} | {q:g} | {n} | {len(rs)} | {median(v):.3f} [{min(v):.3f}, "
-            f"{max(v):.3f}] | {ss:.2f} | {rp:.2g} "
+            f"| {method} | {world} | {q:g}{_qnote(rs)} | {n} | {len(rs)} "
+            f"| {median(v):.3f} [{min(v):.3f}, {max(v):.3f}] | {ss:.2f} | {rp:.2g} "
             f"| {median(r['mean_ess'] for r in rs):.1f} "
             f"| {median(r['mean_min_inner_ess'] for r in rs):.1f} "
             f"| {sum(r['diverged'] for r in rs)} "
@@ -325,9 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--radius", type=float, default=3.0)
     p.add_argument("--twist", default="gaussian")
     p.add_argument("--inner", type=float, default=0.5, help="inner resampling threshold")
+    p.add_argument("--reuse", type=int, choices=[0, 1], default=None,
+                   help="ldpf: reuse_denoised (1) or re-run the denoiser (0)")  # fmt: skip
+    p.add_argument("--adapt-q", type=float, default=0.0, help="dpf: adapt q (EMA weight)")
+    p.add_argument("--q-range", type=float, nargs=2, default=None, help="dpf: adapted q range")
     p.add_argument("--letkf-radius", type=float, default=3.0)
     p.add_argument("--letkf-infl", type=float, default=1.05)
     p.add_argument("--etkf-infl", type=float, default=1.02)
+    p.add_argument("--etkf-rtps", type=float, default=0.0, help="ETKF relaxation to prior spread")
+    p.add_argument("--sampler", default=None, help="learned world's sampler (ddpm, ddim, ...)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic step)")
     p.add_argument("--ldpf-ns", nargs="+", type=int, default=[64], help="N of ldpf/pf")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tag", default="")

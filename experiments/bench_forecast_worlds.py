@@ -10,11 +10,11 @@ Worlds: ``conditional`` (the shipped checkpoint), ``dyffusion`` (every intermedi
 lead from :meth:`DYffusion.forecast_path`), ``rolling`` (the paper's rolling sampler,
 :meth:`Rolling.rollout`), ``rolling-markov`` (``Rolling.forecast``: the Markov
 ``step`` that re-initialises the window every step, as filters use it) and
-``function_space``. Checkpoints default to ``$ASSIM_DATA_DIR``/user-cache
-``worlds2/l96_<kind>.pt`` as written by the training commands in the header of each
-``experiments/l96_<kind>.toml``.
+``function_space``. Checkpoints default to the shipped ``models/checkpoints/l96_<kind>.pt``
+(made by the training commands in the header of each ``experiments/l96_<kind>.toml``).
 
-Usage: ``python experiments/bench_forecast_worlds.py [--quick] [--ckpt-dir DIR]``
+Usage: ``python experiments/bench_forecast_worlds.py [--quick] [--ckpt-dir DIR]``;
+``--system kolmogorov`` runs ``bench_forecast_kolmogorov.py`` (2-D Kolmogorov flow).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ KINDS = ("conditional", "dyffusion", "rolling", "rolling-markov", "function_spac
 def default_ckpt(kind: str, ckpt_dir: Path) -> Path:
     if kind == "conditional":
         return ROOT / "models" / "checkpoints" / "l96.pt"
-    return ckpt_dir / f"l96_{kind.split('-')[0]}.pt"
+    return ckpt_dir / f"l96_{kind.split('-')[0]}.pt"  # shipped names: models.load("l96_<kind>")
 
 
 def ensemble(world, kind: str, flat: torch.Tensor, leads: int, g: torch.Generator) -> torch.Tensor:
@@ -157,10 +157,14 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    from assim.datasets import resolve_cache_dir
+    if "--system" in sys.argv and "kolmogorov" in sys.argv:
+        from bench_forecast_kolmogorov import main as kolmogorov_main
 
-    p.add_argument("--ckpt-dir", default=str(resolve_cache_dir() / "worlds2"))
+        return kolmogorov_main(sys.argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--system", default="l96", choices=["l96", "kolmogorov"])
+
+    p.add_argument("--ckpt-dir", default=str(ROOT / "models" / "checkpoints"))
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--ics", type=int, default=8, help="initial states per seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

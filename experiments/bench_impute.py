@@ -13,12 +13,17 @@ linear interpolation), 90 % central interval coverage.
 
     python experiments/bench_impute.py [--quick] [--datasets ostia_sst sst_anom ...]
 
+Datasets: ``ostia_sst``, ``e1_north_america``, ``sst_anom`` (BENCHMARKS.md E) and
+``kolmogorov32`` / ``kolmogorov64`` (simulated vorticity on the periodic square,
+:func:`load_kolmogorov`; Matérn kernels on the torus).
+
 Writes ``experiments/results/bench_impute.{md,csv}`` and ``impute_<dataset>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,16 +34,58 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assim.baselines import fit_matern_oi, grouped_climatology, linear_interp  # noqa: E402
-from assim.impute import field_points, fit_field_prior, impute_array, season_index  # noqa: E402
+from assim.baselines import grouped_climatology, linear_interp  # noqa: E402
+from assim.impute import (  # noqa: E402
+    field_points,
+    fit_field_prior,
+    grid_geometry,
+    impute_array,
+    season_index,
+)
+from assim.impute_prior import fit_residual, holdout_variance_ratio  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("ostia_sst", "e1_north_america", "sst_anom")
 
 
 # ----------------------------------------------------------------------------- data
+KOLMOGOROV = {"kolmogorov32": 32, "kolmogorov64": 64}
+
+
+def load_kolmogorov(n: int, steps: int = 200, seed: int = 64):
+    """Vorticity ``(time, y, x)`` of one seeded Kolmogorov-flow run (the catalogue's
+    ``kolmogorov64`` physics: Re 1000, k_f 4, drag 0.1, snapshots every 0.2 time units
+    after 100 spin-up steps), simulated on 64² and, for ``n = 32``, averaged over 2 x 2
+    blocks (coarse observations of the resolved flow, as in SDA). Cached as netCDF in
+    the data cache folder."""
+    import xarray as xr
+
+    from assim.datasets import resolve_cache_dir, simulate_dataset
+
+    path = resolve_cache_dir() / f"bench_kolmogorov{n}_s{seed}_t{steps}.nc"
+    if path.exists():
+        return xr.open_dataset(path)["vorticity"].load(), None
+    ds = simulate_dataset(
+        "kolmogorov", steps=steps, seed=seed, dt=0.2, spinup=100, substeps=20,
+        params=dict(n=64, re=1000.0, k_f=4, drag=0.1, amplitude=1.0), dtype="float64",
+    )  # fmt: skip
+    da = ds["vorticity"]
+    if n != 64:
+        f = 64 // n
+        da = da.coarsen(y=f, x=f).mean()
+        da = da.assign_coords(y=da["y"] - da["y"][0], x=da["x"] - da["x"][0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    da.to_dataset(name="vorticity").to_netcdf(tmp)
+    os.replace(tmp, path)
+    return da.load(), None
+
+
 def load(name: str):
-    """``(DataArray (time, lat, lon), valid (lat, lon))`` of a packaged data set."""
+    """``(DataArray (time, lat, lon), valid (lat, lon))`` of a packaged data set, or
+    ``(time, y, x)`` vorticity for ``kolmogorov32``/``kolmogorov64``."""
+    if name in KOLMOGOROV:
+        return load_kolmogorov(KOLMOGOROV[name])
     try:  # the project's catalogue (CF grid with a `mask` variable), when present
         from assim.datasets import load as load_catalog
 
@@ -110,9 +157,15 @@ def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------- methods
+OURS = "EOF+Matérn space-time (ours)"
 TWISTED = "twisted SMC (diffusion, Gaussian oracle prior)"
 SPATIAL = "EOF+Matérn spatial, exact (twisted's target)"
 REPLACE = "replacement inpainting (same diffusion prior; biased)"
+
+
+def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
+    """Standardised fit-period anomalies under ``prior`` (NaN -> 0), ``(T, P)``."""
+    return prior.standardize(torch.from_numpy(fit), groups).nan_to_num(0.0)
 
 
 def run_dataset(
@@ -123,6 +176,10 @@ def run_dataset(
     log,
     twisted: bool = True,
     twisted_max_points: int = 1000,
+    spread: str = "window",
+    ablations: tuple[str, ...] = ("fixed",),
+    spatial: bool = True,
+    linear: bool = True,
 ) -> list[dict]:
     da, mask = load(name)
     valid, lat, lon = field_points(da, mask)
@@ -137,16 +194,33 @@ def run_dataset(
     t0 = time.time()
     clim_mean, clim_std = grouped_climatology(torch.from_numpy(fit), g_fit, n_groups)
     z_fit = ((torch.from_numpy(fit) - clim_mean[g_fit]) / clim_std).nan_to_num(0.0)
-    oi = fit_matern_oi(z_fit, la, lo, generator=gen)
+    geo = grid_geometry(da)
+    oi = fit_residual(z_fit, la, lo, geo, generator=gen)
     t_oi = time.time() - t0
     t0 = time.time()
-    prior = fit_field_prior(torch.from_numpy(fit), g_fit, la, lo, n_groups, generator=gen)
+    prior = fit_field_prior(
+        torch.from_numpy(fit), g_fit, la, lo, n_groups, generator=gen, geometry=geo,
+        spread=spread,
+    )  # fmt: skip
     t_prior = time.time() - t0
+    priors = {OURS: prior}
+    for sp in ablations:  # the same prior with another spread model (same fit otherwise)
+        priors[f"{OURS}, spread={sp}"] = dataclasses.replace(prior, spread=sp)
+        priors[f"{OURS}, spread={sp}"]._cache, priors[f"{OURS}, spread={sp}"]._window = {}, None
+        if sp != "fixed":
+            priors[f"{OURS}, spread={sp}"].var_factor = holdout_variance_ratio(
+                prior, z_prior(prior, fit, g_fit), int(0.75 * n_fit), gen, sp
+            )
+        else:
+            priors[f"{OURS}, spread={sp}"].var_factor = 1.0
     log(
         f"[{name}] T={t} fit={n_fit} P={vals.shape[1]} groups={n_groups} | OI length="
-        f"{oi.length:.0f} km nugget={oi.nugget} scale={oi.scale:.2f} ({t_oi:.0f}s) | prior "
+        f"{oi.length:.3g} ({'km' if geo == 'sphere' else 'rad'}) nugget={oi.nugget} "
+        f"scale={oi.scale:.2f} ({t_oi:.0f}s) | prior "
         f"rank={prior.basis.shape[1]} rho={prior.rho.numpy().round(2)[:6]} length="
-        f"{prior.length:.0f} nugget={prior.nugget} scale={prior.scale:.2f} ({t_prior:.0f}s)"
+        f"{prior.length:.3g} nugget={prior.nugget} scale={prior.scale:.2f} spread="
+        f"{prior.spread} var_factor={prior.var_factor:.2f} resid_rho={prior.resid_rho:.2f} "
+        f"({t_prior:.0f}s)"
     )
     rows, panel = [], None
     cm = (clim_mean[g_test]).numpy()
@@ -164,10 +238,11 @@ def run_dataset(
             ens = cm[None] + cs * rng.standard_normal((k, *test.shape))
             res["climatology"] = scores(ens[:, hid], cm[hid], y)
             # linear interpolation in space
-            tt = time.time()
-            li = np.stack([linear_interp(obs[j], lat, lon) for j in range(test.shape[0])])
-            res["linear interp."] = scores(li[hid][None], li[hid], y)
-            res["linear interp."]["time"] = time.time() - tt
+            if linear:
+                tt = time.time()
+                li = np.stack([linear_interp(obs[j], lat, lon) for j in range(test.shape[0])])
+                res["linear interp."] = scores(li[hid][None], li[hid], y)
+                res["linear interp."]["time"] = time.time() - tt
             # Matérn OI on standardised anomalies, per step
             tt = time.time()
             z = (torch.from_numpy(obs) - clim_mean[g_test]) / clim_std
@@ -177,17 +252,22 @@ def run_dataset(
             ens = mu[None] + sd * rng.standard_normal((k, *test.shape))
             res["Matérn OI"] = scores(ens[:, hid], mu[hid], y)
             res["Matérn OI"]["time"] = time.time() - tt
-            # Gaussian space-time prior (exact posterior over the test window)
+            # Gaussian space-time prior (posterior over the test window in chunks of 12)
+            for label, pr in priors.items():
+                tt = time.time()
+                g = torch.Generator().manual_seed(seed)
+                sm, mn = impute_array(pr, torch.from_numpy(obs), g_test, k, g, window=12)
+                res[label] = scores(sm.numpy()[:, hid], mn.numpy()[hid], y)
+                res[label]["time"] = time.time() - tt
+                if label == OURS:
+                    smp, mean = sm, mn
             tt = time.time()
             g = torch.Generator().manual_seed(seed)
-            smp, mean = impute_array(prior, torch.from_numpy(obs), g_test, k, g, window=12)
-            res["EOF+Matérn space-time (ours)"] = scores(smp.numpy()[:, hid], mean.numpy()[hid], y)
-            res["EOF+Matérn space-time (ours)"]["time"] = time.time() - tt
-            tt = time.time()
-            g = torch.Generator().manual_seed(seed)
-            smp_s, mean_s = impute_array(prior, torch.from_numpy(obs), g_test, k, g, window=1)
-            res[SPATIAL] = scores(smp_s.numpy()[:, hid], mean_s.numpy()[hid], y)
-            res[SPATIAL]["time"] = time.time() - tt
+            if spatial:
+                smp_s, mean_s = impute_array(prior, torch.from_numpy(obs), g_test, k, g, 1)
+            if spatial:
+                res[SPATIAL] = scores(smp_s.numpy()[:, hid], mean_s.numpy()[hid], y)
+                res[SPATIAL]["time"] = time.time() - tt
             # the same Gaussian prior as a diffusion prior, conditioned by twisted SMC
             if twisted and vals.shape[1] <= twisted_max_points:
                 tt = time.time()
@@ -275,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one seed, sst_anom only, K=16")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     ap.add_argument("--members", type=int, default=50)
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument(
@@ -288,6 +369,22 @@ def main(argv: list[str] | None = None) -> int:
         "sst_anom; its cost grows like P^3 through the dense observation-space solves)",
     )
     ap.add_argument(
+        "--spread",
+        default="local",
+        choices=("fixed", "window", "local"),
+        help="posterior spread model of the prior (fit_field_prior(spread=...))",
+    )
+    ap.add_argument(
+        "--ablations",
+        nargs="*",
+        default=["fixed"],
+        help="also run the same prior with these spread models",
+    )
+    ap.add_argument("--no-spatial", action="store_true", help="skip the window=1 column")
+    ap.add_argument(
+        "--no-linear", action="store_true", help="skip linear interpolation (slow on big grids)"
+    )
+    ap.add_argument(
         "--merge",
         nargs="*",
         default=None,
@@ -295,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     dsets = ["sst_anom"] if args.quick else args.datasets
     k = 16 if args.quick else args.members
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -320,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in dsets:
         rows += run_dataset(
             name, seeds, k, ["30%", "70%", "box"], log, not args.no_twisted,
-            args.twisted_max_points,
+            args.twisted_max_points, args.spread, tuple(args.ablations), not args.no_spatial,
+            not args.no_linear,
         )  # fmt: skip
     import pandas as pd
 

@@ -1,4 +1,6 @@
-"""Train the shipped Kolmogorov-flow conditional diffusion world (32² by default).
+"""Train a Kolmogorov-flow world (32² by default): the shipped conditional one, or with
+``--config experiments/kolmogorov_{dyffusion,rolling,function_space}.toml`` the issue-#8
+kinds (results to ``experiments/results/train_kolmogorov_<kind>.json``).
 
 Data: the pseudo-spectral simulator of :mod:`models.physics.kolmogorov` run directly at
 the target resolution (``--n``, default 32²; Re 1000, k_f 4, drag 0.1), ``--traj``
@@ -76,9 +78,11 @@ def to_dataarray(x: torch.Tensor) -> xr.DataArray:
 
 @torch.no_grad()
 def one_step_error(world: torch.nn.Module, x: torch.Tensor, members: int = 8) -> dict[str, float]:
-    """One-step errors on held-out pairs ``x`` ``(B, T, n, n)`` (simulator truth)."""
-    x0 = x[:, :-1].reshape(-1, *x.shape[2:])
-    x1 = x[:, 1:].reshape(-1, *x.shape[2:])
+    """One-step errors on held-out pairs ``x`` ``(B, T, n, n)`` (simulator truth); one world
+    step is ``world.horizon`` data steps for DYffusion, one data step otherwise."""
+    lead = int(getattr(world, "horizon", 1))
+    x0 = x[:, :-lead].reshape(-1, *x.shape[2:])
+    x1 = x[:, lead:].reshape(-1, *x.shape[2:])
     g = torch.Generator().manual_seed(0)
     one = world.step(x0, g)
     ens = torch.stack([world.step(x0, g) for _ in range(members)])
@@ -122,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     world = models.load(out).eval()
     held = simulate(a.n, a.seed + 1, 4, 17)
     err = one_step_error(world, held)
+    kind = world.kind
     payload = models.checkpoint.read(out) if hasattr(models, "checkpoint") else {}
     info = {
         "grid": a.n,
+        "kind": kind,
+        "config": Path(a.config).name,
         "train_seconds": round(t_train, 1),
         "simulate_seconds": round(t_sim, 1),
         "global_steps": payload.get("meta", {}).get("global_steps"),
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(info, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    dst = RESULTS / "bench_dpf_kolmogorov_train.json"
+    name = "bench_dpf_kolmogorov_train" if kind == "conditional" else f"train_kolmogorov_{kind}"
+    dst = RESULTS / f"{name}.json"
     tmp = dst.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=1) + "\n")
     os.replace(tmp, dst)

@@ -2,7 +2,8 @@
 
 1. The default Gaussian space-time prior (:func:`assim.impute.fit_field_prior`) for each
    data set, saved to ``models/checkpoints/prior_<dataset>.pt`` (a few hundred kB; the
-   Matérn residual is stored by its hyperparameters and rebuilt on load).
+   Matérn residual is stored by its hyperparameters and rebuilt on load; the spread
+   model -- "local" by default -- and the held-out calibration factors are stored too).
 2. ``--diffusion``: a small UNet diffusion prior on the standardised anomalies of
    ``sst_anom`` (land = 0 plus a mask channel), trained on CPU, and a comparison of
    replacement inpainting with it against the Gaussian prior (spatial only and
@@ -23,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from assim.impute import field_points, fit_field_prior, impute_array, season_index  # noqa: E402
+from assim.impute import (  # noqa: E402
+    field_points,
+    fit_field_prior,
+    grid_geometry,
+    impute_array,
+    season_index,
+)
 from experiments.bench_impute import DATASETS, RESULTS, fair_crps, load  # noqa: E402
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -43,13 +50,15 @@ def fit_gaussian(name: str, log) -> None:
         torch.from_numpy(lon),
         n_groups,
         generator=torch.Generator().manual_seed(0),
+        geometry=grid_geometry(da),
     )
     CKPT.mkdir(parents=True, exist_ok=True)
     path = CKPT / f"prior_{name}.pt"
     torch.save(prior.state_dict(), path)
     log(
         f"{name}: rank {prior.basis.shape[1]}, Matérn length {prior.length:.0f} km, nugget "
-        f"{prior.nugget}, scale {prior.scale:.3f}, fitted in {time.time() - t0:.0f}s -> "
+        f"{prior.nugget}, scale {prior.scale:.3f}, spread {prior.spread}, fitted in "
+        f"{time.time() - t0:.0f}s -> "
         f"{path.name} ({path.stat().st_size / 1e6:.2f} MB)"
     )
 

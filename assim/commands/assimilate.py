@@ -5,7 +5,8 @@ the analysis mean/std, spread, ESS, log-evidence increments, skipped/resampled f
 per cycle (and ``rmse`` with ``--truth``; members with ``--keep-ensemble``).
 
 Methods: ``kalman`` (linear-Gaussian worlds only), ``enkf`` (stochastic, perturbed
-observations), ``etkf`` (= ``enkf-sqrt``), ``letkf``, ``pf`` (bootstrap), ``dpf`` (the
+observations), ``etkf`` (= ``enkf-sqrt``), ``enkf-n`` (finite-size EnKF, adaptive
+inflation), ``letkf``, ``pf`` (bootstrap), ``dpf`` (the
 diffusion particle filter, :mod:`assim.filters.dpf`; diffusion worlds only; localised
 when ``--radius`` is given). Options come from ``--config FILE.toml`` (top-level keys,
 or a table named after the method) and are overridden by flags: ``--inflation --rtps
@@ -39,7 +40,7 @@ from typing import Any
 from assim.commands._common import add_device, add_seed
 from assim.errors import InputError
 
-METHODS = ("kalman", "enkf", "etkf", "enkf-sqrt", "letkf", "pf", "dpf")
+METHODS = ("kalman", "enkf", "etkf", "enkf-sqrt", "enkf-n", "letkf", "pf", "dpf")
 TWISTS = ("gaussian", "dps", "none", "dps_only")
 _PF_KEYS = {"threshold", "resample", "jitter", "jitter_mode", "jitter_all", "reg"}
 

@@ -5,7 +5,10 @@
 ``--method exact`` (default) samples the Gaussian prior's posterior in closed form;
 ``twisted`` runs twisted SMC through a DDPM chain of the same prior's exact denoiser
 (:func:`assim.smoother.twisted_inpaint`); ``replacement`` is replacement inpainting
-through that chain (biased; for comparison)."""
+through that chain (biased; for comparison). ``--spread`` chooses how the exact
+posterior's spread adapts to the observations (:meth:`assim.impute.FieldPrior.posterior`).
+Fields on the periodic square (dims ``(time, y, x)``, coordinates in ``[0, 2 pi)``, e.g.
+``assim simulate kolmogorov``) get Matérn kernels on the torus."""
 
 from __future__ import annotations
 
@@ -43,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="diffusion steps (64)")
     parser.add_argument(
         "--particles", type=int, default=None, help="SMC particles (default max(K, 64))"
+    )
+    parser.add_argument(
+        "--spread",
+        choices=("fixed", "window", "local"),
+        default=None,
+        help="posterior spread model (default: the prior's own; 'local' for a prior fitted "
+        "here): 'local' follows the innovations observed around each gap, 'window' one "
+        "variance scale per window, 'fixed' the fitted prior as is",
     )
     parser.add_argument("--save-prior", default=None, help="write the fitted prior here")
     parser.add_argument("--out", required=True, metavar="OUT.nc", help="output netCDF")
@@ -115,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     if prior is None:  # fitted here (not inside impute) so that --save-prior can keep it
         prior = prior_for(field_data(da, mask), None, args.var, gen)
+    if args.spread is not None:
+        prior.spread = args.spread
     if args.save_prior:
         save_atomic(prior.state_dict(), args.save_prior)
     ds = impute(

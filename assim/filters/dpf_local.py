@@ -47,14 +47,28 @@ from assim.smc import ess, local_systematic, normalize, reweight
 __all__ = ["LocalDiffusionParticleFilter"]
 
 
-class _Taper:
-    """Gathered taper ``rho`` ``(d, K)`` over neighbour lists ``idx`` ``(d, K)``."""
+_DENSE_TAPER = 1 << 20  # a dense (m, d) taper matrix up to this many entries
 
-    def __init__(self, idx: Tensor, rho: Tensor, device, dtype) -> None:
+
+class _Taper:
+    """Taper ``rho`` ``(d, K)`` over neighbour lists ``idx`` ``(d, K)`` (padding: ``rho =
+    0``). Small grids use the equivalent dense matrix ``T`` ``(m, d)``, ``T[idx[l, k], l] =
+    rho[l, k]``: one matrix product instead of a gather (``dense=False`` forces the
+    gather)."""
+
+    def __init__(self, idx: Tensor, rho: Tensor, device, dtype, m: int, dense: bool = True):
         self.idx, self.rho = idx.to(device), rho.to(device=device, dtype=dtype)
+        self.dense = None
+        d = idx.shape[0]
+        if dense and m * d <= _DENSE_TAPER:
+            t = torch.zeros(m, d, dtype=dtype, device=device)
+            cols = torch.arange(d, device=device).unsqueeze(1).expand_as(self.idx)
+            self.dense = t.index_put_((self.idx, cols), self.rho, accumulate=True)
 
     def apply(self, terms: Tensor) -> Tensor:
         """``sum_k rho[l, k] terms[:, idx[l, k]]`` for ``terms`` ``(N, m)`` -> ``(N, d)``."""
+        if self.dense is not None:
+            return terms @ self.dense
         return (terms[:, self.idx] * self.rho).sum(-1)
 
 
@@ -65,6 +79,13 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         radius: localisation radius in grid units (``inf``: the global filter's weights).
         periodic: periodic distances on every axis (Lorenz-96 ring, Kolmogorov torus).
         cutoff: taper coefficients below it are dropped.
+        reuse_denoised: after a local resampling inside the chain, stitch the ancestors'
+            denoised states and kernels column by column (:meth:`Guide.stitch`) instead
+            of re-running the denoiser on the stitched particles: one network call less
+            per inner resampling (2 instead of ~2.9 calls per cycle with 2 diffusion
+            steps). Exact for elementwise denoisers; for a network it approximates
+            ``D(x')`` near the seams between ancestors (an approximation on top of the
+            local filter's own).
         Other arguments as :class:`DiffusionParticleFilter`; ``ess_threshold`` is unused
         (local weights are resampled at the end of every cycle); ``inner_threshold``
         applies to the smallest local ESS.
@@ -74,12 +95,19 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
     local = True
 
     def __init__(
-        self, radius: float, periodic: bool = True, cutoff: float = 1e-3, **kwargs: Any
+        self,
+        radius: float,
+        periodic: bool = True,
+        cutoff: float = 1e-3,
+        reuse_denoised: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not float(radius) > 0:
             raise InputError(f"--radius must be > 0, got {radius!r}")
         self.radius, self.periodic, self.cutoff = float(radius), bool(periodic), float(cutoff)
+        self.dense_taper = True  # False: gather path of _Taper (same numbers; for tests)
+        self.reuse_denoised = bool(reuse_denoised)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", radius={self.radius})"
@@ -94,12 +122,12 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             )
         i, r = local_taper(state_shape, obs.operator.coords(state_shape), self.radius,
                            self.periodic, self.cutoff)  # fmt: skip
-        sp.taper_obs = _Taper(i, r, device, dtype)
+        sp.taper_obs = _Taper(i, r, device, dtype, sp.m, self.dense_taper)
         sp.taper_state = None
         if self.twist in ("dps", "dps_only"):
             i, r = local_taper(state_shape, _grid(state_shape), self.radius, self.periodic,
                                self.cutoff)  # fmt: skip
-            sp.taper_state = _Taper(i, r, device, dtype)
+            sp.taper_state = _Taper(i, r, device, dtype, i.shape[0], self.dense_taper)
         return sp
 
     # ---------------------------------------------------------------- local weights
@@ -114,7 +142,7 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             loc = loc + sp.taper_obs.apply(inc.obs)
         if inc.state is not None:
             loc = loc + sp.taper_state.apply(inc.state)
-        w["local"] = reweight(w["local"], loc.T)[0]
+        w["local"] = normalize(w["local"] + loc.T)[0]  # w["local"] is kept normalised
         w["log_w"], dz = reweight(w["log_w"], inc.total(n, like))
         return float(dz)
 
@@ -133,6 +161,8 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         return torch.gather(flat, 0, idx.T.to(t.device)).reshape(t.shape)
 
     def _after_resample(self, guide: Guide, chain: Any, x: Tensor, idx: Tensor, j: int) -> None:
+        if self.reuse_denoised and guide.stitch(chain, lambda t: self._gather(t, idx), j):
+            return
         guide.refresh(chain, x, j)
 
     def _final_log_w(self, w: dict[str, Any]) -> Tensor:

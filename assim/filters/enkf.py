@@ -20,12 +20,16 @@ the Cholesky factor, or the standard deviations for a diagonal ``R``). With
   covariance are exactly the Kalman analysis of the ensemble's sample moments.
 * Stochastic EnKF (perturbed observations, Burgers, van Leeuwen & Evensen 1998):
   ``x_a,i = x_i + A^T (Yw Yw^T + (N-1) I)^{-1} Yw (dw - Yw_i + z_i)``, with
-  ``z_i ~ N(0, I)`` centred over members (DAPPER's ``EnKF('PertObs')``).
+  ``z_i ~ N(0, I)`` centred over members and rescaled by ``sqrt(N/(N-1))``, exactly as
+  DAPPER's ``EnKF('PertObs')`` (its ``mean0(rescale=True)``).
 
 After the update, relaxation to prior spread (RTPS, Whitaker & Hamill 2012,
 ``sigma_a <- sigma_a + alpha (sigma_b - sigma_a)`` per variable) and then
 multiplicative inflation of the analysis anomalies (``A_a <- lambda A_a``, as DAPPER's
-``post_process``) are applied.
+``post_process``) are applied; ``rotate=True`` then multiplies the analysis anomalies
+by a random mean-preserving orthogonal ``N x N`` matrix (DAPPER's ``rot=True``: a
+Haar-distributed rotation of the ``N - 1`` dimensional complement of ``1``), which
+leaves the ensemble mean and covariance unchanged but mixes the members.
 
 ``info["log_z"]`` is the *Gaussian approximation* of the evidence increment,
 ``log N(y; mean h(x), Y^T Y / (N-1) + R)`` (``info["log_z_approx"] = True``), computed
@@ -45,7 +49,7 @@ from assim.errors import InputError
 from assim.filters.base import Ensemble, Filter
 from assim.rng import randn
 
-__all__ = ["EnKF", "ETKF", "EnsembleKalmanFilter", "make_filter"]
+__all__ = ["EnKF", "ETKF", "EnsembleKalmanFilter", "make_filter", "random_rotation"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -183,25 +187,50 @@ def gaussian_log_z(inn: Innovations, quad: Tensor, logdet: Tensor) -> float:
     return float(-0.5 * (m * _LOG_2PI + inn.logdet_r + logdet + quad))
 
 
+def random_rotation(
+    n: int, generator: torch.Generator | None, device: torch.device | None = None
+) -> Tensor:
+    """Random orthogonal ``(n, n)`` float64 matrix ``Q`` with ``Q 1 = 1`` and ``1^T Q = 1^T``
+    (mean-preserving): ``Q = 1 1^T / n + B O B^T`` with ``B`` ``(n, n-1)`` an orthonormal
+    basis of the complement of ``1`` and ``O`` Haar-distributed on ``O(n-1)`` (QR of a
+    Gaussian matrix with the signs of ``diag(R)`` fixed; Mezzadri 2007)."""
+    f64 = torch.float64
+    ones = torch.ones(n, 1, dtype=f64, device=device)
+    basis, _ = torch.linalg.qr(torch.cat([ones, torch.eye(n, dtype=f64, device=device)], 1))
+    B = basis[:, 1:n]
+    Z = randn((n - 1, n - 1), generator, device=device, dtype=f64)
+    O, Rm = torch.linalg.qr(Z)
+    O = O * torch.sign(torch.diagonal(Rm)).unsqueeze(0)
+    return ones @ ones.T / n + B @ O @ B.T
+
+
 class EnsembleKalmanFilter(Filter):
-    """Shared post-processing: RTPS (``rtps`` = alpha in [0, 1]) then multiplicative
-    ``inflation`` (>= 1 usually) of the analysis anomalies."""
+    """Shared post-processing: RTPS (``rtps`` = alpha in [0, 1]), multiplicative
+    ``inflation`` (>= 1 usually) of the analysis anomalies, then (``rotate``) a random
+    mean-preserving rotation of the members (:func:`random_rotation`)."""
 
     name = "ensemble-kalman"
 
-    def __init__(self, inflation: float = 1.0, rtps: float = 0.0) -> None:
+    def __init__(self, inflation: float = 1.0, rtps: float = 0.0, rotate: bool = False) -> None:
         if not (math.isfinite(inflation) and inflation > 0):
             raise InputError(f"inflation must be a finite number > 0, got {inflation!r}")
         if not (0.0 <= rtps <= 1.0):
             raise InputError(f"rtps must lie in [0, 1], got {rtps!r}")
         self.inflation = float(inflation)
         self.rtps = float(rtps)
+        self.rotate = bool(rotate)
 
     def _update(self, inn: Innovations, generator: torch.Generator | None) -> tuple[Tensor, float]:
         """Analysis anomalies-plus-mean ``(N, d)`` float64 and the approximate log-evidence."""
         raise NotImplementedError
 
-    def _finish(self, ensemble: Ensemble, inn: Innovations, xa: Tensor) -> Ensemble:
+    def _finish(
+        self,
+        ensemble: Ensemble,
+        inn: Innovations,
+        xa: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Ensemble:
         mu_a = xa.mean(0)
         Aa = xa - mu_a
         if self.rtps > 0:
@@ -212,6 +241,8 @@ class EnsembleKalmanFilter(Filter):
             Aa = Aa * torch.where(sa > 0, scale, torch.ones_like(scale))
         if self.inflation != 1.0:
             Aa = Aa * self.inflation
+        if self.rotate:
+            Aa = random_rotation(Aa.shape[0], generator, Aa.device) @ Aa
         x = ensemble.x
         out = (mu_a + Aa).reshape(x.shape).to(x.dtype)
         return Ensemble(out, ensemble.log_w.clone())
@@ -238,10 +269,11 @@ class EnsembleKalmanFilter(Filter):
             "inflation": self.inflation,
             "skipped": False,
         }
-        return self._finish(ensemble, inn, xa), info
+        return self._finish(ensemble, inn, xa, generator), info
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(inflation={self.inflation}, rtps={self.rtps})"
+        rot = ", rotate=True" if self.rotate else ""
+        return f"{type(self).__name__}(inflation={self.inflation}, rtps={self.rtps}{rot})"
 
 
 class ETKF(EnsembleKalmanFilter):
@@ -259,15 +291,17 @@ class ETKF(EnsembleKalmanFilter):
 class EnKF(EnsembleKalmanFilter):
     """Stochastic EnKF with perturbed observations (Burgers et al. 1998; = DAPPER
     ``EnKF('PertObs')``). The perturbations ``z_i ~ N(0, R)`` are drawn from
-    ``generator`` and centred over members (sample covariance stays unbiased). Works in
-    observation space (``m x m`` Cholesky) when ``m < N``, else in ensemble space."""
+    ``generator``, centred over members and scaled by ``sqrt(N/(N-1))`` (as DAPPER's
+    ``mean0``: the centred draws' spread is restored to that of ``N`` independent ones,
+    i.e. ``sum_i z_i z_i^T / N`` has expectation ``R``). Works in observation space
+    (``m x m`` Cholesky) when ``m < N``, else in ensemble space."""
 
     name = "enkf"
 
     def _update(self, inn: Innovations, generator: torch.Generator | None) -> tuple[Tensor, float]:
         n, m = inn.Yw.shape
         z = randn((n, m), generator, device=inn.Yw.device, dtype=torch.float64)
-        z = z - z.mean(0)
+        z = (z - z.mean(0)) * math.sqrt(n / (n - 1))
         D = inn.dw - inn.Yw + z  # whitened perturbed innovations (N, m)
         if m < n:  # observation space: C = Yw^T Yw + (N-1) I_m, increments D C^{-1} Yw^T A
             C = inn.Yw.T @ inn.Yw + (n - 1) * torch.eye(m, dtype=torch.float64, device=z.device)
@@ -295,16 +329,20 @@ _ALIASES = {
     "enkf-sqrt": "etkf",
     "sqrt": "etkf",
     "letkf": "letkf",
+    "enkf-n": "enkf-n",
+    "enkfn": "enkf-n",
 }
 
 
 def make_filter(method: str, **options: Any) -> EnsembleKalmanFilter:
     """Build an ensemble Kalman filter by name for the CLI / configs.
 
-    ``method``: ``enkf`` (stochastic), ``etkf`` (alias ``enkf-sqrt``) or ``letkf``.
-    ``options``: ``inflation``, ``rtps``; LETKF also ``radius`` (DAPPER's convention,
-    see :class:`assim.filters.letkf.LETKF`), ``periodic``, ``cutoff``. ``None`` values
-    are ignored (unset CLI flags); unknown options raise :class:`InputError`."""
+    ``method``: ``enkf`` (stochastic), ``etkf`` (alias ``enkf-sqrt``), ``letkf`` or
+    ``enkf-n`` (finite-size EnKF, :class:`assim.filters.enkf_n.EnKFN`).
+    ``options``: ``inflation``, ``rtps``; ``rotate`` (not LETKF); LETKF also ``radius``
+    (DAPPER's convention, see :class:`assim.filters.letkf.LETKF`), ``periodic``,
+    ``cutoff``; EnKF-N also ``x_n``, ``g``, ``mode_correction``. ``None`` values are
+    ignored (unset CLI flags); unknown options raise :class:`InputError`."""
     key = _ALIASES.get(str(method).lower())
     if key is None:
         raise InputError(f"unknown ensemble method {method!r}; expected one of {sorted(_ALIASES)}")
@@ -315,8 +353,14 @@ def make_filter(method: str, **options: Any) -> EnsembleKalmanFilter:
 
         cls: type[EnsembleKalmanFilter] = LETKF
         allowed |= {"radius", "periodic", "cutoff"}
+    elif key == "enkf-n":
+        from assim.filters.enkf_n import EnKFN
+
+        cls = EnKFN
+        allowed |= {"rotate", "x_n", "g", "mode_correction"}
     else:
         cls = EnKF if key == "enkf" else ETKF
+        allowed |= {"rotate"}
     bad = sorted(set(opts) - allowed)
     if bad:
         raise InputError(

@@ -224,3 +224,118 @@ class DYffusionChain:
             x = self.kernel(x, j).sample(generator)
             out.append(x)
         return torch.stack(out, 1) if path else x
+
+
+class DYffusionDataStep(nn.Module):
+    """The first lead of DYffusion's cold-sampling chain as a Markov world of *one data
+    step* (``dt = world.dt / h``), for filters that observe every data step.
+
+    The step ``x_k -> x_{k+1}`` is the kernel of lead ``0 -> 1`` of :class:`DYffusionChain`
+    (forecaster ``F(z_k, 0)``, interpolator difference ``I(z_k, x̂, 1) - I(z_k, x̂, 0)``)
+    widened by an optional model error: ``N(mean, s^2 v_0 + q^2)``. Restarting the cold
+    sampler every data step uses only the first interpolation lead, so forecasts differ
+    from :meth:`DYffusion.forecast_path` (which walks all ``h`` leads from one ``x_k``).
+    Wraps (does not copy) ``world``; not a checkpoint kind.
+    """
+
+    def __init__(self, world: DYffusion, q: float = 0.0) -> None:
+        super().__init__()
+        self.world = world
+        self.state_shape = world.state_shape
+        self.dt = world.dt / world.horizon
+        self.variable, self.dims = world.variable, world.dims
+        self.meta = getattr(world, "meta", {})
+        self.q = 0.0
+        self.configure(q=q)
+
+    def configure(
+        self, steps: int | None = None, q: float | None = None, **options: object
+    ) -> DYffusionDataStep:
+        """Set the model-error std ``q`` (state units). The chain has one kernel:
+        ``steps`` must be ``None`` (or 1)."""
+        bad = sorted(k for k, v in options.items() if v is not None)
+        if bad:
+            raise ValueError(f"{type(self).__name__}.configure: no option(s) {bad} (only q)")
+        if steps not in (None, 1):
+            raise ValueError(f"DYffusionDataStep has one kernel per step; got steps={steps}")
+        if q is not None:
+            if not q >= 0:
+                raise ValueError(f"model-error level q must be >= 0, got {q}")
+            self.q = float(q)
+        return self
+
+    def transition_sampler(self, cond: Tensor) -> DYffusionDataChain:
+        """The one-kernel chain ``x_k -> x_{k+1}`` from particles ``(N, *S)``."""
+        return DYffusionDataChain(self.world, self.world.check(cond), self.q)
+
+    def step(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One data step ``(N, *S) -> (N, *S)``."""
+        with torch.no_grad():
+            return self.transition_sampler(x).run(generator)
+
+    @torch.no_grad()
+    def forecast(
+        self,
+        x0: Tensor,
+        n_steps: int,
+        members: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``(members, n_steps, *S)`` by repeated :meth:`step`."""
+        from models.worlds.base import rollout
+
+        return rollout(self, x0, n_steps, members, generator)
+
+
+class DYffusionDataChain:
+    """``TransitionChain`` of :class:`DYffusionDataStep`: ``times = (1, 0)``, ``init`` is
+    ``x_k``, one Gaussian kernel; ``denoise(., 0)`` is the kernel mean and
+    ``denoise_var(0)`` its variance (exact for a single Gaussian step); ``q^2`` at the end."""
+
+    def __init__(self, world: DYffusion, x_k: Tensor, q: float) -> None:
+        self.world, self.x_k = world, x_k
+        self.times = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x_k.device)
+        self.z0 = world.encode(x_k)
+        self.var = world.state_std**2 * world.kernel_var[0] + q**2
+        self.q_var = torch.full_like(self.var, q**2)
+        self._mean: Tensor | None = None
+
+    def _first_mean(self) -> Tensor:
+        if self._mean is None:
+            self._mean = self.world.decode(self.world.cold_step(self.z0, self.z0, 0)[0])
+        return self._mean
+
+    def init(self, generator: torch.Generator | None = None) -> Tensor:
+        """``x_k`` itself (nothing is drawn)."""
+        return self.x_k.clone()
+
+    def _check(self, x_t: Tensor, j: int) -> None:
+        if j != 0:
+            raise IndexError(f"DYffusionDataChain has one kernel (j = 0), got j = {j}")
+        if x_t.shape != self.x_k.shape:
+            raise ValueError(f"x_t {tuple(x_t.shape)} must match the chain's particles")
+
+    def kernel(self, x_t: Tensor, j: int) -> GaussianKernel:
+        """``N(cold-sampling mean of lead 1, s^2 v_0 + q^2)``; ``x_t`` is ``x_k`` (index 0
+        holds no noise), possibly resampled: the mean is recomputed when it differs."""
+        self._check(x_t, j)
+        if x_t is self.x_k or torch.equal(x_t, self.x_k):
+            mean = self._first_mean()
+        else:
+            z = self.world.encode(x_t)
+            mean = self.world.decode(self.world.cold_step(z, z, 0)[0])
+        return GaussianKernel(mean, self.var)
+
+    def denoise(self, x_t: Tensor, j: int) -> Tensor:
+        """``E[x_{k+1} | x_k]`` (the kernel mean) at ``j = 0``; the state at ``j = 1``."""
+        if j in (1, -1):
+            return x_t
+        return self.kernel(x_t, j).mean
+
+    def denoise_var(self, j: int) -> Tensor:
+        """Kernel variance at ``j = 0``; ``q^2`` at ``j = 1``."""
+        return self.q_var if j in (1, -1) else self.var
+
+    def run(self, generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``x_{k+1}`` ``(N, *S)``."""
+        return self.kernel(self.x_k, 0).sample(generator)

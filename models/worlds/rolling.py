@@ -107,6 +107,30 @@ class Rolling(SpecWorld):
                 )
             }
         )
+        self.q = 0.0
+
+    def configure(
+        self, steps: int | None = None, q: float | None = None, **options: object
+    ) -> Rolling:
+        """Set the model-error std ``q`` (state units) added to the last kernel of the
+        Markov chain (as in the conditional world: the step is the learned sample plus
+        ``N(0, q^2)``; every twist variance gains ``q^2``). The chain length is fixed by
+        the spec (``init_steps + shift_steps``): ``steps`` must be ``None``; other options
+        (a filter passing e.g. ``sampler=None``) must be ``None``."""
+        bad = sorted(k for k, v in options.items() if v is not None)
+        if bad:
+            raise ValueError(f"{type(self).__name__}.configure: no option(s) {bad} (only q)")
+        if steps is not None:
+            raise ValueError(
+                f"Rolling: the chain has init_steps + shift_steps = "
+                f"{self.spec.init_steps + self.spec.shift_steps} kernels (from the checkpoint); "
+                f"steps={steps} cannot change it (pass steps=None)"
+            )
+        if q is not None:
+            if not q >= 0:
+                raise ValueError(f"model-error level q must be >= 0, got {q}")
+            self.q = float(q)
+        return self
 
     # ------------------------------------------------------------------ denoiser
     def _coef(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,6 +285,7 @@ class RollingChain:
         alpha, sigma = world._coef(self.times)
         self.alpha, self.ratio = alpha.to(x_k.dtype), (sigma / alpha).to(x_k.dtype)
         self.m, self.s = world.state_mean, world.state_std
+        self.q_var = torch.full_like(self.s, getattr(world, "q", 0.0) ** 2)
         self.hidden: dict[int, Tensor] = {}
         self.eps: Tensor | None = None
 
@@ -287,11 +312,30 @@ class RollingChain:
         return self._to_x(z[:, 0], 0)
 
     def reindex(self, idx: Tensor) -> None:
-        """Follow a resampling of the particles (``idx`` ``(N,)``)."""
-        self.ctx = self.ctx[idx]
-        self.hidden = {j: h[idx] for j, h in self.hidden.items()}
+        """Follow a resampling of the particles: ``idx`` ``(N,)`` (global ancestors) or
+        ``(D, N)`` with ``D = prod(S)`` (per-location ancestors of a localised filter:
+        grid point ``d`` of particle ``n`` comes from particle ``idx[d, n]``, in the hidden
+        frames and the pre-drawn noise too)."""
+        if idx.dim() == 1:
+            pick = lambda t, dim: t.index_select(dim, idx)  # noqa: E731
+        else:
+            d = idx.shape[0]
+            if d != self.ctx[0].numel():
+                raise ValueError(
+                    f"per-location idx has {d} rows, the grid has {self.ctx[0].numel()}"
+                )
+
+            def pick(t: Tensor, dim: int) -> Tensor:
+                flat = t.reshape(*t.shape[: dim + 1], -1, d)  # (..., N, frames, D)
+                ix = idx.T.reshape(*([1] * dim), idx.shape[1], 1, d).expand(
+                    *flat.shape[:dim], -1, flat.shape[-2], -1
+                )
+                return torch.gather(flat, dim, ix.to(t.device)).reshape(t.shape)
+
+        self.ctx = pick(self.ctx, 0)
+        self.hidden = {j: pick(h, 0) for j, h in self.hidden.items()}
         if self.eps is not None:
-            self.eps = self.eps[:, idx]
+            self.eps = pick(self.eps, 1)
 
     def _window(self, x_t: Tensor, j: int) -> Tensor:
         if j not in self.hidden:
@@ -308,7 +352,10 @@ class RollingChain:
         mean, var, _ = self.world.window_kernel(self._window(x_t, j), lv[j], lv[j + 1], self.ctx)
         self.hidden[j + 1] = mean[:, 1:] + var[:, 1:].sqrt() * self.eps[j]
         a = self.alpha[j + 1]
-        return GaussianKernel(self._to_x(mean[:, 0], j + 1), self.s**2 * var[0, 0] / a**2)
+        v = self.s**2 * var[0, 0] / a**2
+        if j == len(self.times) - 2:
+            v = v + self.q_var
+        return GaussianKernel(self._to_x(mean[:, 0], j + 1), v)
 
     def denoise(self, x_t: Tensor, j: int) -> Tensor:
         """``E[x_{k+1} | window at index j]`` (frame 0 of the window's ``x0_hat``)."""
@@ -318,12 +365,12 @@ class RollingChain:
         return self.world.decode(x0[:, 0])
 
     def denoise_var(self, j: int) -> Tensor:
-        """Gaussian (Tweedie) value ``s^2 r^2 s_d^2 / (r^2 + s_d^2)`` at frame 0's level;
-        ``0`` at the last index."""
+        """Gaussian (Tweedie) value ``s^2 r^2 s_d^2 / (r^2 + s_d^2)`` at frame 0's level,
+        plus the model-error variance ``q^2``; ``q^2`` at the last index."""
         if j in (len(self.times) - 1, -1):
-            return torch.zeros_like(self.s)
+            return self.q_var
         r2, sd2 = self.ratio[j] ** 2, self.world.sigma_data**2
-        return self.s**2 * r2 * sd2 / (r2 + sd2)
+        return self.s**2 * r2 * sd2 / (r2 + sd2) + self.q_var
 
     def run(self, generator: torch.Generator | None = None) -> Tensor:
         """``init`` then every kernel; returns ``x_{k+1}``."""

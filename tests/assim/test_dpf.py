@@ -311,3 +311,143 @@ def test_rolling_chain_survives_inner_resampling():
     out, info = filt.cycle(world, ens, y, obs, generator=g)
     assert info["inner_resamples"] > 0
     assert torch.isfinite(out.x).all() and math.isfinite(info["log_z"])
+
+
+def test_dense_taper_equals_gathered_taper():
+    """The dense ``(m, d)`` taper matrix (small grids) and the neighbour-list gather give the
+    same local weights: directly, and through a whole local cycle with inner resampling."""
+    from assim.filters.dpf_local import _Taper
+    from assim.filters.letkf import local_taper
+
+    d = 15
+    op = Subset(every=2)
+    i, r = local_taper((d,), op.coords((d,)), 2.0)
+    m = op.coords((d,)).shape[0]
+    dense, gather = (_Taper(i, r, "cpu", F64, m, flag) for flag in (True, False))
+    assert dense.dense is not None and gather.dense is None
+    terms = torch.randn(7, m, generator=torch.Generator().manual_seed(0), dtype=F64)
+    torch.testing.assert_close(dense.apply(terms), gather.apply(terms), rtol=0, atol=1e-12)
+    world = DiffusionLinearGaussian(0.9 * torch.eye(d, dtype=F64), None,
+                                    0.3 * torch.eye(d, dtype=F64), steps=3, q=0.1)  # fmt: skip
+    obs = Observation(op, GaussianNoise(std=0.2))
+    g = torch.Generator().manual_seed(1)
+    y = obs.sample(torch.randn(1, d, generator=g, dtype=F64), g)[0]
+    x0 = torch.randn(64, d, generator=g, dtype=F64)
+    out = []
+    for flag in (True, False):
+        filt = LocalDiffusionParticleFilter(radius=2.0, inner_threshold=0.9)
+        filt.dense_taper = flag
+        out.append(filt.propagate(world, Ensemble(x0), y, obs, torch.Generator().manual_seed(2)))
+    assert out[0][2]["inner_resamples"] == out[1][2]["inner_resamples"] > 0
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-9)
+
+
+def test_outputs_are_ordinary_tensors():
+    """The filter runs under inference mode; what it returns must still be modifiable in
+    place and usable with autograd by the caller."""
+    d = 4
+    world = DiffusionLinearGaussian(torch.eye(d, dtype=F64), None, 0.1 * torch.eye(d), steps=2)
+    obs = Observation(Identity(), GaussianNoise(std=0.3))
+    y = torch.zeros(d, dtype=F64)
+    x0 = torch.randn(8, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for filt in (DiffusionParticleFilter(), LocalDiffusionParticleFilter(radius=1.0)):
+        ens, _ = filt.cycle(world, Ensemble(x0), y, obs, torch.Generator().manual_seed(1))
+        assert not ens.x.is_inference() and not ens.log_w.is_inference()
+        ens.x.add_(1.0)
+        ens.log_w.mul_(1.0)
+
+
+@pytest.mark.parametrize("operator", [Identity(), Subset(every=2)])
+def test_innovation_q2_recovers_the_model_error(operator):
+    """Moment estimate of ``q^2``: truth and particles share the forecast law ``mu + s eps``,
+    the truth adds ``N(0, q^2)``. ``E[q_hat^2] = q^2 + 2 s^2 / N`` (the innovation carries
+    ``s^2 (1 + 1/N)``, the 1/N-weighted spread ``s^2 (1 - 1/N)``): 0.0008 here. Its se, from
+    ``Var(d_o^2) = 2 (R + s^2 + q^2)^2`` over ``m`` >= 1000 observations, is <= 0.016, so
+    the tolerance 0.05 is ~3 se; leaving out ``R`` would be off by 0.25."""
+    from assim.filters.dpf import innovation_q2
+    from assim.guidance import ObsSpace
+
+    d, n, q, s, r = 2000, 50, 0.3, 0.2, 0.5
+    g = torch.Generator().manual_seed(0)
+    mu = 3 * torch.randn(d, generator=g, dtype=F64)
+    x_hat = mu + s * torch.randn(n, d, generator=g, dtype=F64)
+    noise = torch.randn(2, d, generator=g, dtype=F64)
+    truth = mu + s * noise[0] + q * noise[1]
+    obs = Observation(operator, GaussianNoise(std=r))
+    y = obs.sample(truth[None], g)[0]
+    space = ObsSpace(obs, (d,), F64, "cpu")
+    log_w = torch.full((n,), -math.log(n), dtype=F64)
+    assert innovation_q2(space, y, x_hat, log_w) == pytest.approx(q * q, abs=0.05)
+
+
+def test_adapted_q_follows_the_innovations(monkeypatch):
+    """``adapt_q = rho``: before cycle k+1 the world is configured with ``q^2 = (1 - rho)
+    q_prev^2 + rho q_hat_k^2`` (clamped), ``q_hat_k`` from cycle k's innovations."""
+    import assim.filters.dpf as dpf_mod
+
+    class QWorld(DiffusionLinearGaussian):
+        def configure(self, q=None, **kw):
+            self.asked.append(q)
+            return self
+
+    d = 6
+    world = QWorld(0.9 * torch.eye(d, dtype=F64), None, 0.2 * torch.eye(d, dtype=F64),
+                   steps=2, q=0.3)  # fmt: skip
+    world.asked = []
+    seen = []
+    real = dpf_mod.innovation_q2
+    monkeypatch.setattr(dpf_mod, "innovation_q2", lambda *a: seen.append(real(*a)) or seen[-1])
+    obs = Observation(Identity(), GaussianNoise(std=0.5))
+    g = torch.Generator().manual_seed(0)
+    ens = Ensemble(torch.randn(32, d, generator=g, dtype=F64))
+    filt = LocalDiffusionParticleFilter(radius=2.0, adapt_q=0.5, q_range=(0.1, 0.8))
+    for y0 in (3.0, 0.0, 0.0):  # a large first innovation, then small ones
+        ens, info = filt.cycle(world, ens, torch.full((d,), y0, dtype=F64), obs, g)
+    assert len(seen) == 3 and len(world.asked) == 2
+    q2 = 0.3**2
+    for est, asked in zip(seen[:2], world.asked, strict=True):
+        q2 = min(max(0.5 * q2 + 0.5 * est, 0.1**2), 0.8**2)
+        assert asked == pytest.approx(math.sqrt(q2), rel=1e-12)
+    assert world.asked[0] > 0.3  # the large innovation raised q
+    with pytest.raises(InputError, match="adapt_q"):
+        DiffusionParticleFilter(adapt_q=0.5, twist="dps")
+    with pytest.raises(InputError, match="q_range"):
+        DiffusionParticleFilter(adapt_q=0.5, q_range=(0.0, 1.0))
+
+
+def test_reusing_denoised_states_is_exact_for_an_elementwise_denoiser():
+    """``reuse_denoised`` stitches the ancestors' denoised states and kernels instead of
+    re-running the denoiser. With diagonal ``A`` and ``Q`` the oracle denoiser and kernels
+    act elementwise, so stitching commutes with them and both paths agree to rounding at
+    a finite radius; with a coupled ``Q`` they differ (the check is not vacuous)."""
+    d = 12
+    obs = Observation(Subset(every=2), GaussianNoise(std=0.2))
+    g = torch.Generator().manual_seed(0)
+    y = obs.sample(torch.randn(1, d, generator=g, dtype=F64), g)[0]
+    x0 = torch.randn(48, d, generator=g, dtype=F64)
+    A = torch.diag(torch.linspace(0.5, 0.9, d, dtype=F64))
+    for Q, equal in ((torch.diag(torch.linspace(0.2, 0.6, d, dtype=F64)), True),
+                     (0.3 * torch.eye(d, dtype=F64) + 0.1, False)):  # fmt: skip
+        world = DiffusionLinearGaussian(A, None, Q, steps=3, q=0.1)
+        out = []
+        for reuse in (True, False):
+            filt = LocalDiffusionParticleFilter(radius=2.0, inner_threshold=1.0,
+                                                reuse_denoised=reuse)  # fmt: skip
+            out.append(
+                filt.propagate(world, Ensemble(x0), y, obs, torch.Generator().manual_seed(3))
+            )
+        assert out[0][2]["inner_resamples"] == out[1][2]["inner_resamples"] >= 2
+        same = torch.allclose(out[0][0], out[1][0], rtol=0, atol=1e-10) and torch.allclose(
+            out[0][1], out[1][1], rtol=0, atol=1e-9
+        )
+        assert same is equal
+    # infinite radius: local resampling is global, so reuse is exact and equals the global
+    world = DiffusionLinearGaussian(A, None, 0.3 * torch.eye(d, dtype=F64) + 0.1, steps=3, q=0.1)
+    glob = DiffusionParticleFilter(inner_threshold=0.95)
+    loc = LocalDiffusionParticleFilter(radius=math.inf, inner_threshold=0.95, reuse_denoised=True)
+    xa, la, ia = glob.propagate(world, Ensemble(x0), y, obs, torch.Generator().manual_seed(5))
+    xb, lb, ib = loc.propagate(world, Ensemble(x0), y, obs, torch.Generator().manual_seed(5))
+    assert ia["inner_resamples"] == ib["inner_resamples"] > 0
+    torch.testing.assert_close(xb, xa, rtol=0, atol=1e-10)
+    torch.testing.assert_close(lb, la[:, None].expand_as(lb), rtol=0, atol=1e-9)

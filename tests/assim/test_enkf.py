@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import scipy.linalg
 import torch
@@ -270,3 +271,23 @@ def test_stochastic_enkf_ensemble_space_mean_is_kalman(device, gen):
     torch.testing.assert_close(out.x.mean(0), mean, atol=1e-9, rtol=1e-9)
     assert info["log_z"] == pytest.approx(log_z, abs=1e-9)
     assert float((out.x - x).std()) > 0  # perturbations did act on the members
+
+
+@pytest.mark.parametrize("dims", [(4, 3, 10), (5, 9, 6)], ids=["obs-space", "ens-space"])
+def test_stochastic_enkf_equals_dapper_pertobs_formula(device, dims):
+    # DAPPER's EnKF('PertObs') written out in numpy with the same perturbations:
+    # D = centred N(0, R) draws rescaled by sqrt(N/(N-1)) (DAPPER's mean0), C = Y^T Y +
+    # (N-1) R, x_i <- x_i + A^T Y C^{-1} (y - D_i - h(x_i)); both branches, to 1e-10.
+    d, m, n = dims
+    x, obs, H, y = _problem(device, d=d, m=m, n=n, full_r=False, seed=7)
+    out, _ = EnKF().analysis(Ensemble(x), y, obs, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(n, m, generator=torch.Generator().manual_seed(3), dtype=F64).numpy()
+    sd = obs.noise.var.sqrt().numpy()
+    D = -(z - z.mean(0)) * math.sqrt(n / (n - 1)) * sd  # ours adds +z in whitened units
+    X, Hn, yn = x.cpu().numpy(), H.cpu().numpy(), y.cpu().numpy()
+    A = X - X.mean(0)
+    Eo = X @ Hn.T
+    Y = Eo - Eo.mean(0)
+    C = Y.T @ Y + (n - 1) * np.diag(sd**2)
+    want = X + (yn - D - Eo) @ np.linalg.solve(C, Y.T @ A)
+    np.testing.assert_allclose(out.x.cpu().numpy(), want, rtol=1e-10, atol=1e-10)

@@ -229,3 +229,39 @@ def test_bad_inputs_raise_clear_errors():
     chain = _world(3).transition_sampler(torch.zeros(2, 3, dtype=F64))
     with pytest.raises(InputError, match="twist"):
         Guide(chain, space, torch.zeros(2, dtype=F64), twist="magic")
+
+
+def test_arctan_twist_and_proposal_are_the_ekf_linearisation():
+    """Nonlinear ``h = arctan(H x)``: the twist is ``N(y; h(x_hat), R + diag(a) H diag(u) H^T
+    diag(a))`` with ``a = 1 / (1 + (H x_hat)^2)`` (EKF linearisation at the denoised state)
+    and the proposal is the exact Gaussian posterior of the kernel under the linearised
+    operator ``G = diag(a) H diag(kappa)`` around ``x_lin``."""
+    d = 4
+    obs = Observation(Arctan(Subset(every=2)), GaussianNoise(std=torch.tensor([0.3, 0.2])))
+    space = ObsSpace(obs, (d,), F64, "cpu")
+    H = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]], dtype=F64)
+    x_lin = torch.tensor([0.8, -0.1, -1.5, 0.3], dtype=F64)
+    a = 1.0 / (1.0 + (H @ x_lin) ** 2)
+    u = torch.tensor([0.1, 0.2, 0.3, 0.05], dtype=F64)
+    R = obs.noise.covariance(2).to(F64)
+    y = torch.tensor([0.5, -0.9], dtype=F64)
+    S = R + torch.diag(a) @ H @ torch.diag(u) @ H.T @ torch.diag(a)
+    r = y - torch.arctan(H @ x_lin)
+    twist = gaussian_twist(space, y, x_lin[None], u)
+    ref = MultivariateNormal(torch.zeros(2, dtype=F64), S).log_prob(r)
+    torch.testing.assert_close(twist, ref[None], rtol=0, atol=1e-12)
+    m = torch.tensor([0.6, 0.1, -1.2, 0.0], dtype=F64)
+    v = torch.tensor([0.3, 0.2, 0.1, 0.4], dtype=F64)
+    kappa = torch.tensor([0.9, 0.5, 0.7, 0.6], dtype=F64)
+    kern = GaussianKernel(m.expand(3, d), v.expand(3, d))
+    prop = twisted_gaussian_proposal(kern, space, y, x_lin.expand(3, d), kappa, u,
+                                     torch.Generator().manual_seed(0))  # fmt: skip
+    G = torch.diag(a) @ H @ torch.diag(kappa)
+    mean, cov, C = _explicit_posterior(m, v, G, S, r)
+    log_p = MultivariateNormal(m, torch.diag(v)).log_prob(prop.x)
+    log_lin = MultivariateNormal(torch.zeros(2, dtype=F64), S).log_prob(r - (prop.x - m) @ G.T)
+    log_q = MultivariateNormal(mean, cov).log_prob(prop.x)
+    norm = MultivariateNormal(torch.zeros(2, dtype=F64), C).log_prob(r)
+    torch.testing.assert_close(prop.log_norm, norm.expand(3), rtol=0, atol=1e-10)
+    torch.testing.assert_close(prop.log_twist_lin, log_lin, rtol=0, atol=1e-10)
+    torch.testing.assert_close(log_p + log_lin - log_q, norm.expand(3), rtol=0, atol=1e-10)

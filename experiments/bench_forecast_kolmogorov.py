@@ -1,0 +1,283 @@
+"""BENCHMARKS.md D on 2-D Kolmogorov flow for the four world kinds (issue #8).
+
+Grid: 32² (the size trainable on this 2-core box; BENCHMARKS asks for 64²). Truth: the
+``models.physics.Kolmogorov`` simulator at 32² (Re 1000, k_f 4, drag 0.1, dt 0.2 = 20 RK4
+sub-steps), held-out seed 7 (training data: seed 100, see ``train_kolmogorov.py``). ICs
+4 time units apart; an analysis ensemble ``centre = truth + sigma_a e``, members
+``centre + sigma_a e'`` (white noise, ``sigma_a`` = ``--sigma-a`` x the vorticity std);
+``--members`` members forecast to ``--turnovers`` eddy turnover times. The eddy turnover
+time is ``T = L / U`` with the forcing scale ``L = 2 pi / k_f`` and ``U`` the rms speed
+of the truth (measured, reported).
+
+Worlds: ``conditional`` (``models/checkpoints/kolmogorov32.pt``) and ``dyffusion``,
+``rolling``, ``function_space`` (``--ckpt-dir``/``kolmogorov32_<kind>.pt``, made by
+``train_kolmogorov.py --config experiments/kolmogorov_<kind>.toml``); DYffusion reports
+every intermediate data step (``forecast_path``), Rolling the paper's rolling sampler.
+Baselines: the true model from the perturbed members, persistence (the members),
+climatology (random snapshots of another run, seed 102). Metrics per lead: RMSE of the
+ensemble mean, fair CRPS, spread/skill (``bench_forecast.metrics``).
+
+Function-space world at other grids (``--fs-grids``): members and truth are spectrally
+interpolated from 32² (Fourier truncation to 16², zero-padding to 64²: the same field),
+the world is regridded (``FunctionSpace.regrid``) and scored on that grid against the
+interpolated truth, next to persistence and the (interpolated) true model on that grid.
+
+Usage: ``python experiments/bench_forecast_worlds.py --system kolmogorov [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_forecast import RESULTS, ROOT, metrics
+from train_kolmogorov import DT, simulate
+
+import models
+from models.physics import Kolmogorov
+
+KINDS = ("conditional", "dyffusion", "rolling", "function_space")
+K_F, N = 4, 32
+
+
+def spectral_resize(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(..., m, m)`` periodic fields to ``(..., n, n)`` by Fourier truncation / zero
+    padding (band-limited interpolation; the Nyquist row/column is dropped)."""
+    m = x.shape[-1]
+    if n == m:
+        return x
+    f = torch.fft.fft2(x.double())
+    k = min(m, n) // 2
+    out = torch.zeros((*x.shape[:-2], n, n), dtype=f.dtype)
+    idx = torch.cat([torch.arange(k), torch.arange(-k + 1, 0)])
+    out[..., idx[:, None], idx[None, :]] = f[..., idx[:, None], idx[None, :]]
+    return torch.fft.ifft2(out * (n * n) / (m * m)).real.to(x.dtype)
+
+
+def eddy_turnover(w: torch.Tensor) -> float:
+    """``T = (2 pi / k_f) / U`` with ``U`` the rms speed of vorticity fields ``(..., n, n)``."""
+    u, v = Kolmogorov(w.shape[-1]).velocity(w.reshape(-1, *w.shape[-2:]).double())
+    return 2 * math.pi / K_F / float((u**2 + v**2).mean().sqrt())
+
+
+def true_model(w: torch.Tensor, leads: int) -> torch.Tensor:
+    """``(B, leads, n, n)`` simulator forecasts (float64 inside)."""
+    sim, x, out = Kolmogorov(w.shape[-1]), w.double(), []
+    for _ in range(leads):
+        for _ in range(20):
+            x = sim.step(x, DT / 20)
+        out.append(x.float())
+    return torch.stack(out, 1)
+
+
+def forecast(world, kind: str, flat: torch.Tensor, leads: int, g: torch.Generator):
+    """``(B, leads, n, n)`` world forecasts at every data step."""
+    if kind == "dyffusion":
+        steps = math.ceil(leads / world.horizon)
+        return world.forecast_path(flat, steps, members=flat.shape[0], generator=g)[:, :leads]
+    if kind == "rolling":
+        return world.rollout(flat, leads, members=flat.shape[0], generator=g)
+    return world.forecast(flat, leads, members=flat.shape[0], generator=g)
+
+
+def _m(fc: torch.Tensor, tr: torch.Tensor, b: int, m: int) -> dict:
+    lead = tr.shape[1]
+    return metrics(fc.reshape(b, m, lead, -1), tr.reshape(b, lead, -1))
+
+
+def run(a: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
+    worlds = {}
+    for kind in a.kinds:
+        path = (ROOT / "models" / "checkpoints" / "kolmogorov32.pt" if kind == "conditional"
+                else Path(a.ckpt_dir) / f"kolmogorov32_{kind}.pt")  # fmt: skip
+        if path.is_file():
+            worlds[kind] = models.load(path, device="cpu")
+        else:
+            print(f"skip {kind}: no checkpoint {path.name} in {path.parent.name}/")
+    gap = 20
+    probe = simulate(N, 7, a.traj, 1)
+    t_eddy = eddy_turnover(probe)
+    leads = math.ceil(a.turnovers * t_eddy / DT)
+    truth = simulate(N, 7, a.traj, gap * (a.ics - 1) + leads + 1)  # (traj, T, n, n)
+    ics = torch.stack([truth[b, i * gap] for b in range(a.traj) for i in range(a.ics)])
+    fut = torch.stack(
+        [truth[b, i * gap + 1 : i * gap + 1 + leads] for b in range(a.traj) for i in range(a.ics)]
+    )
+    b, m = ics.shape[0], a.members
+    g = torch.Generator().manual_seed(1)
+    sig = a.sigma_a * float(truth.std())
+    centre = ics + sig * torch.randn(ics.shape, generator=g)
+    mem = centre[:, None] + sig * torch.randn((b, m, N, N), generator=g)
+    flat = mem.reshape(-1, N, N)
+    rows, secs = {}, {}
+    for kind, world in worlds.items():
+        t0 = time.perf_counter()
+        fc = forecast(world, kind, flat, leads, torch.Generator().manual_seed(2))
+        secs[kind] = time.perf_counter() - t0
+        rows[kind] = _m(fc, fut, b, m)
+        print(f"{kind}: {secs[kind]:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    tm = true_model(flat, leads)
+    secs["true model"] = time.perf_counter() - t0
+    rows["true model"] = _m(tm, fut, b, m)
+    rows["persistence"] = _m(flat[:, None].expand(-1, leads, -1, -1), fut, b, m)
+    pool = simulate(N, 102, 2, 40).reshape(-1, N, N)
+    idx = torch.randint(0, pool.shape[0], (b * m,), generator=g)
+    rows["climatology"] = _m(pool[idx][:, None].expand(-1, leads, -1, -1), fut, b, m)
+    grids = {}
+    if "function_space" in worlds:
+        for n in a.fs_grids:
+            if n == N:
+                continue
+            wn = worlds["function_space"].regrid((n, n))
+            x0 = spectral_resize(flat, n)
+            tr = spectral_resize(fut, n)
+            t0 = time.perf_counter()
+            fc = wn.forecast(
+                x0, leads, members=x0.shape[0], generator=torch.Generator().manual_seed(2)
+            )
+            grids[n] = {
+                "function_space": _m(fc, tr, b, m),
+                "true model": _m(spectral_resize(tm, n), tr, b, m),
+                "persistence": _m(x0[:, None].expand(-1, leads, -1, -1), tr, b, m),
+                "seconds": time.perf_counter() - t0,
+            }
+    conv = lambda r: {k: {q: np.asarray(v).tolist() for q, v in d.items()} for k, d in r.items()}  # noqa: E731
+    return {
+        "per_lead": conv(rows),
+        "grids": {n: {"seconds": g_.pop("seconds"), **conv(g_)} for n, g_ in grids.items()},
+        "seconds": secs,
+        "leads": leads,
+        "t_eddy": t_eddy,
+        "sigma_a": sig,
+        "cases": f"{a.traj} trajectories x {a.ics} ICs x {m} members",
+        "train": {
+            k: {q: w.meta.get(q) for q in ("global_steps", "train_seconds")}
+            for k, w in worlds.items()
+        },  # fmt: skip
+    }
+
+
+def picks(res: dict) -> list[int]:
+    per = res["t_eddy"] / DT
+    return sorted({1, *(min(res["leads"], max(1, round(t * per))) for t in (1, 2, 3, 5))})
+
+
+def table(res: dict) -> str:
+    ks = picks(res)
+    te = res["t_eddy"]
+    head = " | ".join(f"@{k * DT:.1f} ({k * DT / te:.1f} T)" for k in ks)
+    lines = [f"| method | {head} |", "|---" * (len(ks) + 1) + "|"]
+
+    def rows(per: dict, prefix: str = "") -> None:
+        for name, mt in per.items():
+            cells = [
+                " / ".join(f"{mt[q][k - 1]:.{2 if q == 'spread_skill' else 3}f}"
+                           for q in ("rmse", "crps", "spread_skill"))
+                for k in ks
+            ]  # fmt: skip
+            lines.append(f"| {prefix}{name} | " + " | ".join(cells) + " |")
+
+    rows(res["per_lead"])
+    for n, per in res["grids"].items():
+        rows({k: v for k, v in per.items() if k != "seconds"}, prefix=f"{n}²: ")
+    p = res["per_lead"]["persistence"]
+    t = res["per_lead"]["true model"]
+    lines += [
+        "",
+        "| world | beats persistence (RMSE, every lead) | beats persistence (CRPS, every lead) "
+        "| CRPS / true-model CRPS @1 T | spread/skill range | train steps / s | forecast s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    one = min(res["leads"], max(1, round(te / DT))) - 1
+    for name, tr in res["train"].items():
+        w = res["per_lead"][name]
+        br = all(x < y for x, y in zip(w["rmse"], p["rmse"], strict=True))
+        bc = all(x < y for x, y in zip(w["crps"], p["crps"], strict=True))
+        ss = w["spread_skill"]
+        lines.append(
+            f"| {name} | {br} | {bc} | {w['crps'][one] / t['crps'][one]:.2f} "
+            f"| [{min(ss):.2f}, {max(ss):.2f}] | {tr['global_steps']} / {tr['train_seconds']} "
+            f"| {res['seconds'].get(name, 0):.0f} |"
+        )
+    for n, per in res["grids"].items():
+        w, pp = per["function_space"], per["persistence"]
+        br = all(x < y for x, y in zip(w["rmse"], pp["rmse"], strict=True))
+        bc = all(x < y for x, y in zip(w["crps"], pp["crps"], strict=True))
+        ss = w["spread_skill"]
+        lines.append(
+            f"| function_space at {n}² | {br} | {bc} | "
+            f"{w['crps'][one] / per['true model']['crps'][one]:.2f} "
+            f"| [{min(ss):.2f}, {max(ss):.2f}] | (trained at 32²) | {per['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lead = np.arange(1, res["leads"] + 1) * DT / res["t_eddy"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    series = dict(res["per_lead"])
+    for n, per in res["grids"].items():
+        series[f"function_space {n}²"] = per["function_space"]
+    for name, mt in series.items():
+        for ax, q in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
+            ax.plot(lead, mt[q], label=name, ls="--" if "²" in name else "-")
+    for ax, title in zip(axes, ("RMSE of ensemble mean", "fair CRPS", "spread / skill"),
+                         strict=True):  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("lead (eddy turnover times)")
+    axes[2].axhspan(0.7, 1.3, color="0.9")
+    axes[2].set_ylim(0, 2)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    from assim.datasets import resolve_cache_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--system", default="kolmogorov")
+    p.add_argument("--ckpt-dir", default=str(resolve_cache_dir() / "worlds2"))
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--traj", type=int, default=2)
+    p.add_argument("--ics", type=int, default=2, help="ICs per trajectory (4 time units apart)")
+    p.add_argument("--members", type=int, default=16)
+    p.add_argument("--turnovers", type=float, default=5.0)
+    p.add_argument("--sigma-a", type=float, default=0.1, help="IC error, fraction of the std")
+    p.add_argument("--fs-grids", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--quick", action="store_true", help="1 IC, 4 members, 1 turnover")
+    p.add_argument("--tag", default="")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.traj, a.ics, a.members, a.turnovers, a.tag = 1, 1, 4, 1.0, a.tag or "_quick"
+    res = run(a)
+    text = table(res)
+    stem = f"bench_forecast_worlds_kolmogorov{a.tag}"
+    shown = " ".join(x for x in argv if x not in ("--system", "kolmogorov"))
+    head = (
+        f"# {stem}\n\n`python experiments/bench_forecast_worlds.py --system kolmogorov "
+        f"{shown}` — 32² grid, {res['cases']}, sigma_a = {res['sigma_a']:.3f}, "
+        f"eddy turnover T = {res['t_eddy']:.2f} time units ({res['leads']} steps of {DT} = "
+        f"{a.turnovers:g} T); torch threads 1.\n\nCells: RMSE / fair CRPS / spread-skill at "
+        "the lead (time units, eddy turnovers).\n\n"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for suffix, body in ((".md", head + text + "\n"), (".json", json.dumps(res, indent=1))):
+        tmp = RESULTS / f"{stem}{suffix}.tmp"
+        tmp.write_text(body)
+        tmp.replace(RESULTS / f"{stem}{suffix}")
+    plot(res, RESULTS / f"{stem}.png")
+    print(head + text)
