@@ -202,9 +202,13 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     elif args.world == "learned":
         import models
 
-        world = models.load(str(CKPTS[sysname]), device="cpu")
-        world.configure(steps=args.steps, q=q, sampler=getattr(args, "sampler", None),
-                        eta=getattr(args, "eta", None))  # fmt: skip
+        world = models.load(getattr(args, "ckpt", None) or str(CKPTS[sysname]), device="cpu")
+        if world.kind == "dyffusion":  # its own step is `horizon` data steps: filter per step
+            from models.worlds.dyffusion import DYffusionDataStep
+
+            world = DYffusionDataStep(world)
+        opts = {"sampler": getattr(args, "sampler", None), "eta": getattr(args, "eta", None)}
+        world.configure(steps=args.steps, q=q, **{k: v for k, v in opts.items() if v is not None})
         world.eval()
     else:
         world = ExactModelErrorWorld(physical_world(sysname), max(q, 0.05), args.steps)
@@ -338,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", default="l96-std", choices=sorted(SETTINGS))
     p.add_argument("--world", default="learned", choices=["learned", "exact"])
+    p.add_argument("--ckpt", default=None, help="learned world: shipped name or path "
+                   "(default: the setting's l96/l63 checkpoint)")  # fmt: skip
     p.add_argument("--methods", nargs="+", default=["dpf", "ldpf", "pf", "etkf", "etkf-true"])
     p.add_argument("--ns", nargs="+", type=int, default=[16, 32, 64])
     p.add_argument("--cycles", type=int, default=2000)
@@ -371,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             args.world = "exact"
     args.burn = min(args.burn, args.cycles // 4)
     ckpt = CKPTS[system(args.setting)]
-    if args.world == "learned" and not ckpt.exists():
+    if args.world == "learned" and args.ckpt is None and not ckpt.exists():
         print(f"no checkpoint at {ckpt}; use --world exact", file=sys.stderr)
         return 2
     jobs = []

@@ -11,19 +11,14 @@ steps). L96-std observes every data step (0.05 MTU), so:
 * Rolling runs its Markov chain (initialisation phase + one rolling phase:
   ``init_steps + shift_steps`` = 10 kernels per step, fixed by the checkpoint), ``q``
   added to the last kernel (:meth:`Rolling.configure`). Its chain carries the hidden
-  window frames per particle. The localised dpf resamples *per location* inside the chain
-  and then rebuilds the chain (``assim/filters/dpf.py`` reindexes hidden state only for
-  global resampling), which loses the hidden frames; :class:`_FollowLocalResampling`
-  therefore hands the filter the *same* chain reindexed per location
-  (``RollingChain.reindex`` takes ``(D, N)`` ancestors) — what a one-line change in
-  dpf.py (call ``chain.reindex(idx)`` for 2-D ``idx`` too) would do. Variants:
-  ``l96_rolling:noinner`` (inner resampling off, the chain is never rebuilt) and
-  ``l96_rolling:global`` (global dpf, ``q = 0.5`` as bench_dpf's global default).
+  window frames per particle; the filters reindex them after inner resampling, global
+  ``(N,)`` or per location ``(D, N)`` ancestors (``RollingChain.reindex``). Variants:
+  ``l96_rolling:noinner`` (inner resampling off) and ``l96_rolling:global`` (global dpf,
+  ``q = 0.5`` as bench_dpf's global default).
 
 Everything else (truth, observations, DAPPER's ``X0``, burn-in, metrics, divergence)
-is ``experiments/bench_dpf.py``'s :func:`run_one`; this driver only swaps the world it
-loads (``bench_dpf`` reads ``models/checkpoints/l96.pt``; ``models.load`` is wrapped
-for the duration of each run).
+is ``experiments/bench_dpf.py``'s :func:`run_one` with ``--ckpt`` set to each world
+(it wraps a DYffusion checkpoint in ``DYffusionDataStep``).
 
 Usage: ``python experiments/bench_dpf_worlds.py --cycles 500 --seeds 0 [--tag _pilot]``
 Results: ``experiments/results/bench_dpf_worlds_l96{tag}.{md,json}``.
@@ -32,7 +27,6 @@ Results: ``experiments/results/bench_dpf_worlds_l96{tag}.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -45,9 +39,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import bench_dpf  # noqa: E402
-
-import models  # noqa: E402
-from models.worlds.dyffusion import DYffusionDataStep  # noqa: E402
 
 WORLDS = ("l96", "l96_dyffusion", "l96_rolling", "l96_function_space", "l96_rolling:global",
           "l96_rolling:noinner")  # fmt: skip
@@ -64,93 +55,6 @@ class _Args(argparse.Namespace):
         return None
 
 
-@contextlib.contextmanager
-def _world(name: str):
-    """Make ``bench_dpf`` load world ``name`` (DYffusion as its one-data-step world)."""
-    load = models.load
-
-    def patched(path, device=None):
-        world = load(name, device=device)
-        return DYffusionDataStep(world) if world.kind == "dyffusion" else world
-
-    models.load = patched
-    try:
-        yield
-    finally:
-        models.load = load
-
-
-class _FollowLocalResampling:
-    """A Rolling world whose ``transition_sampler`` returns the current chain, reindexed,
-    right after the filter's inner resampling (see the module doc)."""
-
-    def __init__(self, world) -> None:
-        self.world, self.chain, self.pending = world, None, False
-        self.state_shape, self.dt, self.kind = world.state_shape, world.dt, world.kind
-
-    def configure(self, **kw):  # noqa: D102
-        self.world.configure(**kw)
-        return self
-
-    def eval(self):
-        return self
-
-    def step(self, x, generator=None):
-        return self.world.step(x, generator)
-
-    def transition_sampler(self, x_k):
-        if self.pending:
-            self.pending = False
-            return self.chain
-        self.chain = self.world.transition_sampler(x_k)
-        return self.chain
-
-    def wrap(self, filt):
-        resample = filt._resample
-
-        def follow(w, n, generator):
-            idx = resample(w, n, generator)
-            self.chain.reindex(idx)
-            self.pending = True
-            return idx
-
-        filt._resample = follow
-        return filt
-
-
-@contextlib.contextmanager
-def _follow_local(world_ctx):
-    """Route bench_dpf's local filter and Rolling world through _FollowLocalResampling."""
-    make = bench_dpf.make_method
-    load = models.load
-    holder = {}
-
-    def load_wrapped(path, device=None):
-        holder["w"] = _FollowLocalResampling(load(path, device=device))
-        return holder["w"]
-
-    def make_wrapped(name, n, args):
-        filt, kind = make(name, n, args)
-        orig_cycle = filt.cycle
-
-        def cycle(world, ens, y, obs, g):
-            if isinstance(world, _FollowLocalResampling) and not hasattr(filt, "_followed"):
-                world.wrap(filt)
-                filt._followed = True
-            return orig_cycle(world, ens, y, obs, g)
-
-        filt.cycle = cycle
-        return filt, kind
-
-    with world_ctx:
-        load = models.load
-        models.load, bench_dpf.make_method = load_wrapped, make_wrapped
-        try:
-            yield
-        finally:
-            models.load, bench_dpf.make_method = load, make
-
-
 def run(name: str, seed: int, a: argparse.Namespace) -> dict:
     conditional = name in ("l96", "l96_function_space")
     ckpt, _, mode = name.partition(":")
@@ -159,12 +63,9 @@ def run(name: str, seed: int, a: argparse.Namespace) -> dict:
         radius=a.radius, inner=0.0 if mode == "noinner" else a.inner, twist="gaussian",
         progress=a.progress, steps=a.steps if conditional else None,
     )  # fmt: skip
-    ctx = _world(ckpt)
-    if ckpt == "l96_rolling" and not mode:
-        ctx = _follow_local(ctx)
-    with ctx:
-        method = "dpf" if mode == "global" else "ldpf"
-        row = bench_dpf.run_one("l96-std", method, a.n, seed, args)
+    args.ckpt = ckpt
+    method = "dpf" if mode == "global" else "ldpf"
+    row = bench_dpf.run_one("l96-std", method, a.n, seed, args)
     row["world"] = name
     row["inner"] = args.inner
     row["steps"] = a.steps if conditional else {"l96_dyffusion": 1, "l96_rolling": 10}[ckpt]

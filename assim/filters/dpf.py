@@ -243,7 +243,7 @@ class DiffusionParticleFilter(Filter):
                 if self.inner_threshold >= 1 or e < self.inner_threshold * n:
                     idx = self._resample(w, n, generator)
                     x, x_k = self._gather(x, idx), self._gather(x_k, idx)
-                    if hasattr(chain, "reindex") and idx.dim() == 1:  # hidden state (Rolling)
+                    if hasattr(chain, "reindex"):  # hidden state (Rolling): (N,) or (D, N)
                         chain.reindex(idx)
                     else:
                         chain = world.transition_sampler(x_k)

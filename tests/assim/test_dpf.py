@@ -307,10 +307,11 @@ def test_rolling_chain_survives_inner_resampling():
     ens = Ensemble(torch.randn(16, 6, generator=g))
     obs = Observation(Identity(), GaussianNoise(1.0))
     y = torch.zeros(6)
-    filt = DiffusionParticleFilter(inner_threshold=1.0)  # resample at every inner step
-    out, info = filt.cycle(world, ens, y, obs, generator=g)
-    assert info["inner_resamples"] > 0
-    assert torch.isfinite(out.x).all() and math.isfinite(info["log_z"])
+    local = LocalDiffusionParticleFilter(radius=2.0, inner_threshold=1.0)
+    for filt in (DiffusionParticleFilter(inner_threshold=1.0), local):  # resample every step
+        out, info = filt.cycle(world, ens, y, obs, generator=g)
+        assert info["inner_resamples"] > 0
+        assert torch.isfinite(out.x).all() and math.isfinite(info["log_z"])
 
 
 def test_dense_taper_equals_gathered_taper():
