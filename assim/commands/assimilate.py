@@ -68,6 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--q", type=float, default=None, help="learned world: model-error std (state units)"
     )
+    parser.add_argument(
+        "--adapt-q", type=float, default=None, help="dpf: re-estimate q each cycle (EMA weight)"
+    )
+    parser.add_argument(
+        "--reuse-denoised",
+        action="store_const",
+        const=True,
+        default=None,
+        help="local dpf: reuse ancestors' denoised states after local resampling (faster)",
+    )
     parser.add_argument("--threshold", type=float, default=None, help="pf: resample if ESS<t*N")
     parser.add_argument("--resample", default=None, help="pf: systematic|stratified|residual|...")
     parser.add_argument("--jitter", type=float, default=None, help="pf: regularisation scale")
@@ -102,7 +112,9 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"--config {args.config}: cannot read TOML ({exc})") from exc
         opts.update({k: v for k, v in cfg.items() if not isinstance(v, dict)})
         opts.update(cfg.get(args.method, {}))
-    for key in ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg", "twist"):
+    keys = ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg", "twist",
+            "adapt_q", "reuse_denoised")  # fmt: skip
+    for key in keys:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)
     return opts

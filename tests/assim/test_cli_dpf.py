@@ -119,3 +119,21 @@ def test_bad_options_are_refused(files, tmp_path, capsys):
     with pytest.raises(InputError, match="does not take"):
         make_method("dpf", {"inflation": 1.1})
     assert isinstance(make_method("dpf", {"radius": 2.0}), LocalDiffusionParticleFilter)
+
+
+def test_dpf_flags_reach_the_filter():
+    """``--adapt-q`` / ``--reuse-denoised`` are parsed into the dpf's options; absent
+    flags leave the filter's defaults."""
+    import argparse
+
+    from assim.commands.assimilate import add_arguments, method_options
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["--obs", "o.nc", "--world", "l96", "--method", "dpf", "--members", "8"]
+    base += ["--out", "a.nc", "--radius", "3"]
+    on = method_options(p.parse_args([*base, "--adapt-q", "0.2", "--reuse-denoised"]))
+    filt = make_method("dpf", on)
+    assert filt.adapt_q == 0.2 and filt.reuse_denoised is True
+    off = make_method("dpf", method_options(p.parse_args(base)))
+    assert off.adapt_q == 0.0 and off.reuse_denoised is False
