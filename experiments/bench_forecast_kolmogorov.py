@@ -22,6 +22,15 @@ interpolated from 32² (Fourier truncation to 16², zero-padding to 64²: the sa
 the world is regridded (``FunctionSpace.regrid``) and scored on that grid against the
 interpolated truth, next to persistence and the (interpolated) true model on that grid.
 
+Inference-time ensemble widths (no retraining): ``--q conditional=0.3 function_space=0.5``
+sets the model-error level ``q`` (state units: the reverse diffusion stops at noise level
+``q`` and the step gains ``N(0, q^2)``, GP-coloured for the function-space world);
+``--var-scale 0.25`` multiplies DYffusion's calibrated kernel variances
+(:meth:`DYffusion.set_var_scale`). Several comma-separated values (``conditional=0.3,0.6``)
+evaluate one row per value, for choosing them on a validation truth (``--seed``, the
+held-out test truth is seed 7). Rolling's paper sampler (``rollout``) has no model-error
+option.
+
 Usage: ``python experiments/bench_forecast_worlds.py --system kolmogorov [--quick]``
 """
 
@@ -42,6 +51,52 @@ import models
 from models.physics import Kolmogorov
 
 KINDS = ("conditional", "dyffusion", "rolling", "function_space")
+Q_KINDS = ("conditional", "function_space")
+TEST_SEED = 7
+
+
+def parse_q(items: list[str]) -> dict[str, list[float]]:
+    """``["conditional=0.3,0.6", ...]`` -> ``{"conditional": [0.3, 0.6]}`` (``q >= 0``)."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        kind, sep, vals = item.partition("=")
+        if not sep or kind not in Q_KINDS:
+            raise SystemExit(f"--q: expected KIND=V[,V..] with KIND in {Q_KINDS}, got {item!r}")
+        try:
+            out[kind] = [float(v) for v in vals.split(",")]
+        except ValueError:
+            raise SystemExit(f"--q {item!r}: values must be numbers") from None
+        if not all(v >= 0 for v in out[kind]):
+            raise SystemExit(f"--q {item!r}: q must be >= 0")
+    return out
+
+
+def variants(kinds, q: dict[str, list[float]], var_scale: list[float] | None):
+    """``(row name, kind, setting)`` per evaluated world; one value keeps the plain name
+    unless it differs from the default (then ``kind q=v`` / ``dyffusion c=v``)."""
+    out = []
+    for kind in kinds:
+        if kind in q:
+            vals, key, default = q[kind], "q", 0.0
+        elif kind == "dyffusion" and var_scale:
+            vals, key, default = var_scale, "c", 1.0
+        else:
+            out.append((kind, kind, {}))
+            continue
+        for v in vals:
+            name = kind if (len(vals) == 1 and v == default) else f"{kind} {key}={v:g}"
+            out.append((name, kind, {key: v}))
+    return out
+
+
+def setup(world, kind: str, setting: dict) -> None:
+    """Apply a variant's ``q`` / DYffusion variance scale (``c``) to ``world`` in place."""
+    if "q" in setting:
+        world.configure(q=setting["q"])
+    if "c" in setting:
+        world.set_var_scale(setting["c"])
+
+
 K_F, N = 4, 32
 
 
@@ -101,10 +156,10 @@ def run(a: argparse.Namespace) -> dict:
         else:
             print(f"skip {kind}: no checkpoint {path.name} in {path.parent.name}/")
     gap = 20
-    probe = simulate(N, 7, a.traj, 1)
+    probe = simulate(N, a.seed, a.traj, 1)
     t_eddy = eddy_turnover(probe)
     leads = math.ceil(a.turnovers * t_eddy / DT)
-    truth = simulate(N, 7, a.traj, gap * (a.ics - 1) + leads + 1)  # (traj, T, n, n)
+    truth = simulate(N, a.seed, a.traj, gap * (a.ics - 1) + leads + 1)  # (traj, T, n, n)
     ics = torch.stack([truth[b, i * gap] for b in range(a.traj) for i in range(a.ics)])
     fut = torch.stack(
         [truth[b, i * gap + 1 : i * gap + 1 + leads] for b in range(a.traj) for i in range(a.ics)]
@@ -115,13 +170,16 @@ def run(a: argparse.Namespace) -> dict:
     centre = ics + sig * torch.randn(ics.shape, generator=g)
     mem = centre[:, None] + sig * torch.randn((b, m, N, N), generator=g)
     flat = mem.reshape(-1, N, N)
-    rows, secs = {}, {}
-    for kind, world in worlds.items():
+    rows, secs, settings = {}, {}, {}
+    runs = variants(list(worlds), a.q, a.var_scale)
+    for name, kind, setting in runs:
+        world = worlds[kind]
+        setup(world, kind, setting)
         t0 = time.perf_counter()
         fc = forecast(world, kind, flat, leads, torch.Generator().manual_seed(2))
-        secs[kind] = time.perf_counter() - t0
-        rows[kind] = _m(fc, fut, b, m)
-        print(f"{kind}: {secs[kind]:.0f} s", flush=True)
+        secs[name] = time.perf_counter() - t0
+        rows[name], settings[name] = _m(fc, fut, b, m), {"kind": kind, **setting}
+        print(f"{name}: {secs[name]:.0f} s", flush=True)
     t0 = time.perf_counter()
     tm = true_model(flat, leads)
     secs["true model"] = time.perf_counter() - t0
@@ -131,7 +189,9 @@ def run(a: argparse.Namespace) -> dict:
     idx = torch.randint(0, pool.shape[0], (b * m,), generator=g)
     rows["climatology"] = _m(pool[idx][:, None].expand(-1, leads, -1, -1), fut, b, m)
     grids = {}
-    if "function_space" in worlds:
+    fs = [(nm, st) for nm, k, st in runs if k == "function_space"]
+    if len(fs) == 1:  # regridded evaluation of the (single) function-space variant
+        setup(worlds["function_space"], "function_space", fs[0][1])
         for n in a.fs_grids:
             if n == N:
                 continue
@@ -143,7 +203,7 @@ def run(a: argparse.Namespace) -> dict:
                 x0, leads, members=x0.shape[0], generator=torch.Generator().manual_seed(2)
             )
             grids[n] = {
-                "function_space": _m(fc, tr, b, m),
+                fs[0][0]: _m(fc, tr, b, m),
                 "true model": _m(spectral_resize(tm, n), tr, b, m),
                 "persistence": _m(x0[:, None].expand(-1, leads, -1, -1), tr, b, m),
                 "seconds": time.perf_counter() - t0,
@@ -157,9 +217,11 @@ def run(a: argparse.Namespace) -> dict:
         "t_eddy": t_eddy,
         "sigma_a": sig,
         "cases": f"{a.traj} trajectories x {a.ics} ICs x {m} members",
+        "truth_seed": a.seed,
+        "settings": settings,
         "train": {
-            k: {q: w.meta.get(q) for q in ("global_steps", "train_seconds")}
-            for k, w in worlds.items()
+            nm: {q: worlds[k].meta.get(q) for q in ("global_steps", "train_seconds")}
+            for nm, k, _ in runs
         },  # fmt: skip
     }
 
@@ -207,12 +269,13 @@ def table(res: dict) -> str:
             f"| {res['seconds'].get(name, 0):.0f} |"
         )
     for n, per in res["grids"].items():
-        w, pp = per["function_space"], per["persistence"]
+        fs = next(k for k in per if k.startswith("function_space"))
+        w, pp = per[fs], per["persistence"]
         br = all(x < y for x, y in zip(w["rmse"], pp["rmse"], strict=True))
         bc = all(x < y for x, y in zip(w["crps"], pp["crps"], strict=True))
         ss = w["spread_skill"]
         lines.append(
-            f"| function_space at {n}² | {br} | {bc} | "
+            f"| {fs} at {n}² | {br} | {bc} | "
             f"{w['crps'][one] / per['true model']['crps'][one]:.2f} "
             f"| [{min(ss):.2f}, {max(ss):.2f}] | (trained at 32²) | {per['seconds']:.0f} |"
         )
@@ -229,7 +292,8 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     series = dict(res["per_lead"])
     for n, per in res["grids"].items():
-        series[f"function_space {n}²"] = per["function_space"]
+        fs = next(k for k in per if k.startswith("function_space"))
+        series[f"{fs} {n}²"] = per[fs]
     for name, mt in series.items():
         for ax, q in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
             ax.plot(lead, mt[q], label=name, ls="--" if "²" in name else "-")
@@ -258,9 +322,32 @@ def main(argv: list[str]) -> None:
     p.add_argument("--turnovers", type=float, default=5.0)
     p.add_argument("--sigma-a", type=float, default=0.1, help="IC error, fraction of the std")
     p.add_argument("--fs-grids", type=int, nargs="+", default=[16, 64])
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=TEST_SEED,
+        help=f"truth trajectory seed ({TEST_SEED}: the test truth; another for validation)",
+    )
+    p.add_argument(
+        "--q",
+        nargs="+",
+        default=[],
+        metavar="KIND=V[,V..]",
+        help=f"model-error level q per kind ({', '.join(Q_KINDS)}), state units",
+    )
+    p.add_argument(
+        "--var-scale",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=None,
+        metavar="C[,C..]",
+        help="DYffusion kernel-variance scale(s)",
+    )
     p.add_argument("--quick", action="store_true", help="1 IC, 4 members, 1 turnover")
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
+    a.q = parse_q(a.q)
+    if a.var_scale is not None and not all(c > 0 for c in a.var_scale):
+        raise SystemExit("--var-scale: values must be > 0")
     if a.quick:
         a.traj, a.ics, a.members, a.turnovers, a.tag = 1, 1, 4, 1.0, a.tag or "_quick"
     res = run(a)
@@ -269,7 +356,9 @@ def main(argv: list[str]) -> None:
     shown = " ".join(x for x in argv if x not in ("--system", "kolmogorov"))
     head = (
         f"# {stem}\n\n`python experiments/bench_forecast_worlds.py --system kolmogorov "
-        f"{shown}` — 32² grid, {res['cases']}, sigma_a = {res['sigma_a']:.3f}, "
+        f"{shown}` — 32² grid, truth seed {a.seed}"
+        f"{' (test)' if a.seed == TEST_SEED else ' (validation)'}, {res['cases']}, "
+        f"sigma_a = {res['sigma_a']:.3f}, "
         f"eddy turnover T = {res['t_eddy']:.2f} time units ({res['leads']} steps of {DT} = "
         f"{a.turnovers:g} T); torch threads 1.\n\nCells: RMSE / fair CRPS / spread-skill at "
         "the lead (time units, eddy turnovers).\n\n"

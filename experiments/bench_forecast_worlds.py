@@ -14,7 +14,9 @@ lead from :meth:`DYffusion.forecast_path`), ``rolling`` (the paper's rolling sam
 (made by the training commands in the header of each ``experiments/l96_<kind>.toml``).
 
 Usage: ``python experiments/bench_forecast_worlds.py [--quick] [--ckpt-dir DIR]``;
-``--system kolmogorov`` runs ``bench_forecast_kolmogorov.py`` (2-D Kolmogorov flow).
+``--system kolmogorov`` runs ``bench_forecast_kolmogorov.py`` (2-D Kolmogorov flow; its
+options ``--seed``, ``--q KIND=V[,V..]``, ``--var-scale C[,C..]``, ``--tag`` are documented
+there).
 """
 
 from __future__ import annotations

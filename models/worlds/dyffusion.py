@@ -23,7 +23,10 @@ walking ``i = 0, 1, .., h``, so a forecast exists at every intermediate time. Th
 gets stochasticity from MC dropout; to give SMC a density each step is instead a
 Gaussian kernel ``N(mean above, v_n s^2)`` whose variance ``v_n`` is calibrated after
 training (:meth:`DYffusion.calibrate`: the mean squared one-step residual on held-out
-windows) or fixed (``kernel_var``).
+windows) or fixed (``kernel_var``). :meth:`DYffusion.set_var_scale` multiplies every kernel
+variance by ``c`` at inference (``N(mean, c v_n s^2)``; default 1, not stored in the
+checkpoint): a calibrated one-step variance need not give a calibrated ensemble at long
+leads.
 
 **Chain in state space.** One world step covers the horizon: ``world.dt = h * dt``.
 ``transition_sampler(x_k).times[j] = 1 - j / h`` (decreasing) indexes physical
@@ -91,6 +94,21 @@ class DYffusion(SpecWorld):
         )
         self.register_buffer("kernel_var", torch.full((h,), float(spec.kernel_var)))
         self.register_buffer("fcst_mse", torch.full((h,), float("nan")))
+        self.var_scale = 1.0
+
+    def set_var_scale(self, var_scale: float) -> DYffusion:
+        """Set the inference-time scale ``c > 0`` of every kernel variance (``c v_j s^2``);
+        returns ``self``. Deliberately not ``configure``: callers treat ``configure`` as
+        "has a model-error level ``q`` / diffusion steps", which DYffusion has not (see
+        :class:`DYffusionDataStep` for a ``q``)."""
+        if not (var_scale > 0 and var_scale < float("inf")):
+            raise ValueError(f"DYffusion: var_scale must be finite and > 0, got {var_scale}")
+        self.var_scale = float(var_scale)
+        return self
+
+    def scaled_kernel_var(self) -> Tensor:
+        """``c v_j`` ``(h,)``: the normalised kernel variances used at inference."""
+        return self.var_scale * self.kernel_var
 
     # ------------------------------------------------------------------ networks
     def _lead(self, i: Tensor | int, z: Tensor) -> Tensor:
@@ -195,9 +213,9 @@ class DYffusionChain:
         return self.x_k.clone()
 
     def kernel(self, x_t: Tensor, j: int) -> GaussianKernel:
-        """``N(cold-sampling mean, s^2 v_j)`` of lead ``j -> j + 1`` in state units."""
+        """``N(cold-sampling mean, s^2 c v_j)`` of lead ``j -> j + 1`` in state units."""
         mean, _ = self.world.cold_step(self.z0, self.world.encode(x_t), j)
-        return GaussianKernel(self.world.decode(mean), self.s2 * self.world.kernel_var[j])
+        return GaussianKernel(self.world.decode(mean), self.s2 * self.world.scaled_kernel_var()[j])
 
     def denoise(self, x_t: Tensor, j: int) -> Tensor:
         """``E[x_{k+h} | x_{k+j}] ≈ F``; the state itself at ``j = h``."""
@@ -211,10 +229,11 @@ class DYffusionChain:
         w, h = self.world, self.world.horizon
         if j in (h, -1):
             return torch.zeros_like(self.s2)
+        rest = w.scaled_kernel_var()[j:].sum()
         v = w.fcst_mse[j]
         if torch.isnan(v):
-            v = w.kernel_var[j:].sum()
-        return self.s2 * torch.maximum(v, w.kernel_var[j:].sum())
+            v = rest
+        return self.s2 * torch.maximum(v, rest)
 
     def run(self, generator: torch.Generator | None = None, path: bool = False) -> Tensor:
         """Sample the chain: ``x_{k+h}`` ``(N, *S)``, or with ``path`` every lead
@@ -232,7 +251,8 @@ class DYffusionDataStep(nn.Module):
 
     The step ``x_k -> x_{k+1}`` is the kernel of lead ``0 -> 1`` of :class:`DYffusionChain`
     (forecaster ``F(z_k, 0)``, interpolator difference ``I(z_k, x̂, 1) - I(z_k, x̂, 0)``)
-    widened by an optional model error: ``N(mean, s^2 v_0 + q^2)``. Restarting the cold
+    widened by an optional model error: ``N(mean, s^2 c v_0 + q^2)`` (``c`` the world's
+    ``var_scale``). Restarting the cold
     sampler every data step uses only the first interpolation lead, so forecasts differ
     from :meth:`DYffusion.forecast_path` (which walks all ``h`` leads from one ``x_k``).
     Wraps (does not copy) ``world``; not a checkpoint kind.
@@ -296,7 +316,7 @@ class DYffusionDataChain:
         self.world, self.x_k = world, x_k
         self.times = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x_k.device)
         self.z0 = world.encode(x_k)
-        self.var = world.state_std**2 * world.kernel_var[0] + q**2
+        self.var = world.state_std**2 * world.scaled_kernel_var()[0] + q**2
         self.q_var = torch.full_like(self.var, q**2)
         self._mean: Tensor | None = None
 

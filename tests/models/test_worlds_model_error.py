@@ -124,3 +124,36 @@ def test_rolling_chain_reindex_per_location(device, gen):
     torch.testing.assert_close(ch_c.eps, eps[:, src, :, d].permute(2, 0, 3, 1))
     torch.testing.assert_close(ch_c.ctx, ctx[src, d])
     assert x1.shape == x.shape
+
+
+def test_dyffusion_var_scale_scales_every_kernel_variance_exactly(device, gen):
+    """``set_var_scale(c)``: every kernel of the cold-sampling chain keeps its mean and
+    has exactly ``c`` times the variance of the unscaled world (two code paths: the
+    scaled world vs ``c x`` the default one); the data-step chain's variance is
+    ``c s^2 v_0 + q^2``; the twist variance before the forecaster MSE is known is the
+    scaled sum of the remaining kernels; ``c <= 0`` or non-finite is rejected."""
+    world = _tiny(device)
+    x = torch.randn(5, 12, generator=gen(4, device), device=device)
+    ref = DYffusionChain(world, x)
+    refs = [ref.kernel(x, j) for j in range(world.horizon)]
+    ref_twist = [ref.denoise_var(j) for j in range(world.horizon)]
+    c = 0.3
+    chain = DYffusionChain(world.set_var_scale(c), x)
+    for j, r in enumerate(refs):
+        k = chain.kernel(x, j)
+        torch.testing.assert_close(k.mean, r.mean)
+        torch.testing.assert_close(torch.as_tensor(k.var), c * torch.as_tensor(r.var))
+        torch.testing.assert_close(chain.denoise_var(j), c * ref_twist[j])
+    q = 0.2
+    data = DYffusionDataStep(world, q=q).transition_sampler(x).kernel(x, 0)
+    torch.testing.assert_close(torch.as_tensor(data.var), c * torch.as_tensor(refs[0].var) + q**2)
+    # sampling uses the scaled variance: with the same generator, the path deviates from
+    # the (deterministic) kernel mean by exactly sqrt(c) times the unscaled deviation
+    a = DYffusionChain(world.set_var_scale(1.0), x).kernel(x, 0)
+    s1 = a.sample(gen(5, device))
+    sc = DYffusionChain(world.set_var_scale(c), x).kernel(x, 0).sample(gen(5, device))
+    torch.testing.assert_close(sc - a.mean, c**0.5 * (s1 - a.mean))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            world.set_var_scale(bad)
+    assert world.var_scale == c
