@@ -138,28 +138,47 @@ def table(res: dict, world_meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict, path: Path) -> None:
+def plot_per_lead(
+    lead: np.ndarray,
+    series: dict[str, dict],
+    path: Path,
+    xlabel: str,
+    styles: dict[str, dict] | None = None,
+    ss_ylim: float | None = None,
+    figsize: tuple[float, float] = (14, 4),
+    legend_size: float | None = 8,
+    dpi: int = 80,
+) -> None:
+    """Three panels (RMSE of the mean, fair CRPS, spread/skill with the [0.7, 1.3] target
+    band) of ``series[name][metric]`` against ``lead``; ``styles[name]``: plot keywords.
+    Shared by the forecast benchmarks (L96, worlds II, Kolmogorov)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lead = np.arange(1, res["leads"] + 1) * DT
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for name, m in res["per_lead"].items():
+    fig, axes = plt.subplots(1, 3, figsize=figsize)
+    for name, m in series.items():
         for ax, k in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
-            style = dict(ls="--", lw=2.5, zorder=3) if name == "world" else {}
-            ax.plot(lead, m[k], label=name, **style)
+            ax.plot(lead, m[k], label=name, **(styles or {}).get(name, {}))
     for ax, title in zip(
         axes, ("RMSE of ensemble mean", "fair CRPS", "spread / skill"), strict=True
     ):
         ax.set_title(title)
-        ax.set_xlabel("lead (MTU)")
+        ax.set_xlabel(xlabel)
     axes[2].axhspan(0.7, 1.3, color="0.9")
-    axes[0].legend()
+    if ss_ylim is not None:
+        axes[2].set_ylim(0, ss_ylim)
+    axes[0].legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def plot(res: dict, path: Path) -> None:
+    lead = np.arange(1, res["leads"] + 1) * DT
+    styles = {"world": dict(ls="--", lw=2.5, zorder=3)}
+    plot_per_lead(lead, res["per_lead"], path, "lead (MTU)", styles, None, (13, 3.8), None, 90)
 
 
 def main() -> None:

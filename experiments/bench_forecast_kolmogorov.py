@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_forecast import RESULTS, ROOT, metrics
+from bench_forecast import RESULTS, ROOT, metrics, plot_per_lead
 from train_kolmogorov import DT, simulate
 
 import models
@@ -283,30 +283,13 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lead = np.arange(1, res["leads"] + 1) * DT / res["t_eddy"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     series = dict(res["per_lead"])
     for n, per in res["grids"].items():
         fs = next(k for k in per if k.startswith("function_space"))
         series[f"{fs} {n}²"] = per[fs]
-    for name, mt in series.items():
-        for ax, q in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
-            ax.plot(lead, mt[q], label=name, ls="--" if "²" in name else "-")
-    for ax, title in zip(axes, ("RMSE of ensemble mean", "fair CRPS", "spread / skill"),
-                         strict=True):  # fmt: skip
-        ax.set_title(title)
-        ax.set_xlabel("lead (eddy turnover times)")
-    axes[2].axhspan(0.7, 1.3, color="0.9")
-    axes[2].set_ylim(0, 2)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    styles = {name: {"ls": "--" if "²" in name else "-"} for name in series}
+    plot_per_lead(lead, series, path, "lead (eddy turnover times)", styles, 2, legend_size=7)
 
 
 def main(argv: list[str]) -> None:

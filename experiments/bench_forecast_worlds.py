@@ -32,7 +32,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forecast import DT, MEMBERS, RESULTS, ROOT, SIGMA_A, climatology, metrics, truths  # noqa: E402
+from bench_forecast import (  # noqa: E402
+    DT,
+    MEMBERS,
+    RESULTS,
+    ROOT,
+    SIGMA_A,
+    climatology,
+    metrics,
+    plot_per_lead,
+    truths,
+)
 
 import models  # noqa: E402
 from models.worlds.physical import physical_world  # noqa: E402
@@ -135,27 +145,8 @@ def table(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lead = np.arange(1, res["leads"] + 1) * DT
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, m in res["per_lead"].items():
-        for ax, k in zip(axes, ("rmse", "crps", "spread_skill"), strict=True):
-            ax.plot(lead, m[k], label=name)
-    for ax, title in zip(
-        axes, ("RMSE of ensemble mean", "fair CRPS", "spread / skill"), strict=True
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("lead (MTU)")
-    axes[2].axhspan(0.7, 1.3, color="0.9")
-    axes[2].set_ylim(0, 3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    plot_per_lead(lead, res["per_lead"], path, "lead (MTU)", ss_ylim=3)
 
 
 def main() -> None:
