@@ -112,13 +112,15 @@ def run_setting(args: argparse.Namespace, setting: str, learned: torch.nn.Module
     cycles = args.cycles_a if setting == "a" else args.cycles_b
     obs = make_observation(s["op"], s["sigma"])
     rec: dict = {"setting": setting, **s, "cycles": cycles, "runs": [], "panel": {}}
+    dev = torch.device(args.device)
     for seed in args.seeds:
         x0, truth = make_truth(args.n, seed, cycles, s["spc"])
         ys = obs.sample(truth, torch.Generator().manual_seed(30_000 + seed))
+        x0, truth, ys = x0.to(dev), truth.to(dev), ys.to(dev)
         for method in args.methods:
             world, filt, members = build(method, args, setting, learned)
-            ens0 = Ensemble(initial_ensemble(x0, members, args.sigma0, seed))
-            g = torch.Generator().manual_seed(40_000 + seed)
+            ens0 = Ensemble(initial_ensemble(x0.cpu(), members, args.sigma0, seed).to(dev))
+            g = torch.Generator(dev).manual_seed(40_000 + seed)
             ds = run(
                 world,
                 filt,
@@ -155,8 +157,8 @@ def run_setting(args: argparse.Namespace, setting: str, learned: torch.nn.Module
                     "std": ds["std"].values[-1].astype(np.float32).tolist(),
                 }
         if seed == args.seeds[0]:
-            rec["panel"]["truth"] = truth[-1].tolist()
-            rec["panel"]["y"] = ys[-1].tolist()
+            rec["panel"]["truth"] = truth[-1].cpu().tolist()
+            rec["panel"]["y"] = ys[-1].cpu().tolist()
     return rec
 
 
@@ -199,7 +201,7 @@ def report(tag: str, args: argparse.Namespace) -> None:
         f"{args.inflation}, rtps {args.rtps}, radius a {args.radius_a}, b {args.radius_b}; "
         f"local dpf radius {args.dpf_radius} (grid units). Scores: mean over seeds of the "
         "time mean over the second half of the cycles; spread/skill = spread / rmse.a; "
-        "cycles/s with 1 torch thread on a shared 2-core CPU.",
+        f"cycles/s on {args.device} (1 torch thread; the CPU box is a shared 2-core one).",
         "",
         "| setting | method | N | cycles | seeds | rmse.a (per seed) | spread | spread/skill "
         "| cycles/s |",
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtps", type=float, default=0.0)
     p.add_argument("--sigma0", type=float, default=1.0)
     p.add_argument("--ckpt", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the whole run)")
     p.add_argument("--tag", default="")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--report-only", action="store_true")
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         report(a.tag, a)
         return 0
     ckpt = Path(a.ckpt or ROOT / "models" / "checkpoints" / f"kolmogorov{a.n}.pt")
-    learned = models.load(ckpt).eval()
+    learned = models.load(ckpt, device=a.device).eval()
     if tuple(learned.state_shape) != (a.n, a.n):
         raise SystemExit(f"{ckpt}: world state shape {learned.state_shape} != ({a.n}, {a.n})")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """BENCHMARKS.md D on 2-D Kolmogorov flow for the four world kinds (issue #8).
 
-Grid: 32² (the size trainable on this 2-core box; BENCHMARKS asks for 64²). Truth: the
-``models.physics.Kolmogorov`` simulator at 32² (Re 1000, k_f 4, drag 0.1, dt 0.2 = 20 RK4
+Grid: ``--n`` (default 32², the size trainable on this 2-core box; BENCHMARKS asks for
+64²: ``--n 64`` with worlds ``kolmogorov64_<kind>.pt`` trained on a GPU by
+``experiments/gpu_kolmogorov64.sh``). Truth: the ``models.physics.Kolmogorov`` simulator
+at that grid (Re 1000, k_f 4, drag 0.1, dt 0.2 = 20 RK4
 sub-steps), held-out seed 7 (training data: seed 100, see ``train_kolmogorov.py``). ICs
 4 time units apart; an analysis ensemble ``centre = truth + sigma_a e``, members
 ``centre + sigma_a e'`` (white noise, ``sigma_a`` = ``--sigma-a`` x the vorticity std);
@@ -9,8 +11,9 @@ sub-steps), held-out seed 7 (training data: seed 100, see ``train_kolmogorov.py`
 time is ``T = L / U`` with the forcing scale ``L = 2 pi / k_f`` and ``U`` the rms speed
 of the truth (measured, reported).
 
-Worlds: ``conditional`` (``models/checkpoints/kolmogorov32.pt``) and ``dyffusion``,
-``rolling``, ``function_space`` (``--ckpt-dir``/``kolmogorov32_<kind>.pt``, made by
+Worlds: ``conditional`` (``--ckpt-dir``/``kolmogorov<n>_conditional.pt``, else the shipped
+``models/checkpoints/kolmogorov32.pt`` at 32²) and ``dyffusion``, ``rolling``,
+``function_space`` (``--ckpt-dir``/``kolmogorov<n>_<kind>.pt``, made by
 ``train_kolmogorov.py --config experiments/kolmogorov_<kind>.toml``); DYffusion reports
 every intermediate data step (``forecast_path``), Rolling the paper's rolling sampler.
 Baselines: the true model from the perturbed members, persistence (the members),
@@ -18,7 +21,8 @@ climatology (random snapshots of another run, seed 102). Metrics per lead: RMSE 
 ensemble mean, fair CRPS, spread/skill (``bench_forecast.metrics``).
 
 Function-space world at other grids (``--fs-grids``): members and truth are spectrally
-interpolated from 32² (Fourier truncation to 16², zero-padding to 64²: the same field),
+interpolated from the world's grid (Fourier truncation to a coarser grid, zero-padding to
+a finer one: the same field),
 the world is regridded (``FunctionSpace.regrid``) and scored on that grid against the
 interpolated truth, next to persistence and the (interpolated) true model on that grid.
 
@@ -97,7 +101,7 @@ def setup(world, kind: str, setting: dict) -> None:
         world.set_var_scale(setting["c"])
 
 
-K_F, N = 4, 32
+K_F = 4
 
 
 def spectral_resize(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -145,21 +149,32 @@ def _m(fc: torch.Tensor, tr: torch.Tensor, b: int, m: int) -> dict:
     return metrics(fc.reshape(b, m, lead, -1), tr.reshape(b, lead, -1))
 
 
+def checkpoint_path(ckpt_dir: str, n: int, kind: str) -> Path:
+    """``<ckpt_dir>/kolmogorov<n>_<kind>.pt``; the conditional world at 32² falls back to
+    the shipped ``models/checkpoints/kolmogorov32.pt``."""
+    path = Path(ckpt_dir) / f"kolmogorov{n}_{kind}.pt"
+    if kind == "conditional" and n == 32 and not path.is_file():
+        return ROOT / "models" / "checkpoints" / "kolmogorov32.pt"
+    return path
+
+
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
+    from models.device import resolve_device
+
+    dev, N = resolve_device(a.device), a.n
     worlds = {}
     for kind in a.kinds:
-        path = (ROOT / "models" / "checkpoints" / "kolmogorov32.pt" if kind == "conditional"
-                else Path(a.ckpt_dir) / f"kolmogorov32_{kind}.pt")  # fmt: skip
+        path = checkpoint_path(a.ckpt_dir, N, kind)
         if path.is_file():
-            worlds[kind] = models.load(path, device="cpu")
+            worlds[kind] = models.load(path, device=dev)
         else:
             print(f"skip {kind}: no checkpoint {path.name} in {path.parent.name}/")
     gap = 20
-    probe = simulate(N, a.seed, a.traj, 1)
+    probe = simulate(N, a.seed, a.traj, 1, str(dev))
     t_eddy = eddy_turnover(probe)
     leads = math.ceil(a.turnovers * t_eddy / DT)
-    truth = simulate(N, a.seed, a.traj, gap * (a.ics - 1) + leads + 1)  # (traj, T, n, n)
+    truth = simulate(N, a.seed, a.traj, gap * (a.ics - 1) + leads + 1, str(dev))  # (traj, T, n, n)
     ics = torch.stack([truth[b, i * gap] for b in range(a.traj) for i in range(a.ics)])
     fut = torch.stack(
         [truth[b, i * gap + 1 : i * gap + 1 + leads] for b in range(a.traj) for i in range(a.ics)]
@@ -176,16 +191,17 @@ def run(a: argparse.Namespace) -> dict:
         world = worlds[kind]
         setup(world, kind, setting)
         t0 = time.perf_counter()
-        fc = forecast(world, kind, flat, leads, torch.Generator().manual_seed(2))
+        fc = forecast(world, kind, flat.to(dev), leads, torch.Generator(dev).manual_seed(2))
+        fc = fc.cpu()
         secs[name] = time.perf_counter() - t0
         rows[name], settings[name] = _m(fc, fut, b, m), {"kind": kind, **setting}
         print(f"{name}: {secs[name]:.0f} s", flush=True)
     t0 = time.perf_counter()
-    tm = true_model(flat, leads)
+    tm = true_model(flat.to(dev), leads).cpu()
     secs["true model"] = time.perf_counter() - t0
     rows["true model"] = _m(tm, fut, b, m)
     rows["persistence"] = _m(flat[:, None].expand(-1, leads, -1, -1), fut, b, m)
-    pool = simulate(N, 102, 2, 40).reshape(-1, N, N)
+    pool = simulate(N, 102, 2, 40, str(dev)).reshape(-1, N, N)
     idx = torch.randint(0, pool.shape[0], (b * m,), generator=g)
     rows["climatology"] = _m(pool[idx][:, None].expand(-1, leads, -1, -1), fut, b, m)
     grids = {}
@@ -199,9 +215,8 @@ def run(a: argparse.Namespace) -> dict:
             x0 = spectral_resize(flat, n)
             tr = spectral_resize(fut, n)
             t0 = time.perf_counter()
-            fc = wn.forecast(
-                x0, leads, members=x0.shape[0], generator=torch.Generator().manual_seed(2)
-            )
+            g2 = torch.Generator(dev).manual_seed(2)
+            fc = wn.forecast(x0.to(dev), leads, members=x0.shape[0], generator=g2).cpu()
             grids[n] = {
                 fs[0][0]: _m(fc, tr, b, m),
                 "true model": _m(spectral_resize(tm, n), tr, b, m),
@@ -218,6 +233,8 @@ def run(a: argparse.Namespace) -> dict:
         "sigma_a": sig,
         "cases": f"{a.traj} trajectories x {a.ics} ICs x {m} members",
         "truth_seed": a.seed,
+        "grid": N,
+        "device": str(dev),
         "settings": settings,
         "train": {
             nm: {q: worlds[k].meta.get(q) for q in ("global_steps", "train_seconds")}
@@ -277,7 +294,8 @@ def table(res: dict) -> str:
         lines.append(
             f"| {fs} at {n}² | {br} | {bc} | "
             f"{w['crps'][one] / per['true model']['crps'][one]:.2f} "
-            f"| [{min(ss):.2f}, {max(ss):.2f}] | (trained at 32²) | {per['seconds']:.0f} |"
+            f"| [{min(ss):.2f}, {max(ss):.2f}] | (trained at {res['grid']}²) "
+            f"| {per['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -299,6 +317,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--system", default="kolmogorov")
     p.add_argument("--ckpt-dir", default=str(resolve_cache_dir() / "worlds2"))
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--n", type=int, default=32, help="grid size (the worlds' training grid)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--traj", type=int, default=2)
     p.add_argument("--ics", type=int, default=2, help="ICs per trajectory (4 time units apart)")
     p.add_argument("--members", type=int, default=16)
@@ -335,15 +355,17 @@ def main(argv: list[str]) -> None:
         a.traj, a.ics, a.members, a.turnovers, a.tag = 1, 1, 4, 1.0, a.tag or "_quick"
     res = run(a)
     text = table(res)
-    stem = f"bench_forecast_worlds_kolmogorov{a.tag}"
+    grid = "" if a.n == 32 else str(a.n)
+    stem = f"bench_forecast_worlds_kolmogorov{grid}{a.tag}"
     shown = " ".join(x for x in argv if x not in ("--system", "kolmogorov"))
     head = (
         f"# {stem}\n\n`python experiments/bench_forecast_worlds.py --system kolmogorov "
-        f"{shown}` — 32² grid, truth seed {a.seed}"
+        f"{shown}` — {a.n}² grid ({res['device']}), truth seed {a.seed}"
         f"{' (test)' if a.seed == TEST_SEED else ' (validation)'}, {res['cases']}, "
         f"sigma_a = {res['sigma_a']:.3f}, "
         f"eddy turnover T = {res['t_eddy']:.2f} time units ({res['leads']} steps of {DT} = "
-        f"{a.turnovers:g} T); torch threads 1.\n\nCells: RMSE / fair CRPS / spread-skill at "
+        f"{a.turnovers:g} T); torch threads 1. Worlds: {Path(a.ckpt_dir).name}/.\n\n"
+        "Cells: RMSE / fair CRPS / spread-skill at "
         "the lead (time units, eddy turnovers).\n\n"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

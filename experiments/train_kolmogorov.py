@@ -47,10 +47,13 @@ DT, SUB, SPINUP = 0.2, 20, 100  # world step, RK4 sub-steps per step, spin-up st
 RESULTS = ROOT / "experiments" / "results"
 
 
-def simulate(n: int, seed: int, n_traj: int, n_snap: int) -> torch.Tensor:
-    """``(n_traj, n_snap, n, n)`` float32 vorticity, one snapshot per world step after spin-up."""
+def simulate(n: int, seed: int, n_traj: int, n_snap: int, device: str = "cpu") -> torch.Tensor:
+    """``(n_traj, n_snap, n, n)`` float32 vorticity (on CPU), one snapshot per world step
+    after spin-up; the simulation itself runs on ``device`` (float64)."""
     sim = Kolmogorov(n)
-    w = sim.random_state(n_traj, torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = sim.random_state(
+        n_traj, torch.Generator().manual_seed(seed), dtype=torch.float64, device=device
+    )
     for _ in range(SPINUP * SUB):
         w = sim.step(w, DT / SUB)
     out = []
@@ -58,7 +61,7 @@ def simulate(n: int, seed: int, n_traj: int, n_snap: int) -> torch.Tensor:
         for _ in range(SUB):
             w = sim.step(w, DT / SUB)
         out.append(w)
-    x = torch.stack(out, 1).float()
+    x = torch.stack(out, 1).float().cpu()
     if not torch.isfinite(x).all():
         raise RuntimeError("Kolmogorov simulation blew up")
     return x
@@ -81,9 +84,10 @@ def one_step_error(world: torch.nn.Module, x: torch.Tensor, members: int = 8) ->
     """One-step errors on held-out pairs ``x`` ``(B, T, n, n)`` (simulator truth); one world
     step is ``world.horizon`` data steps for DYffusion, one data step otherwise."""
     lead = int(getattr(world, "horizon", 1))
-    x0 = x[:, :-lead].reshape(-1, *x.shape[2:])
-    x1 = x[:, lead:].reshape(-1, *x.shape[2:])
-    g = torch.Generator().manual_seed(0)
+    dev = next(world.parameters()).device
+    x0 = x[:, :-lead].reshape(-1, *x.shape[2:]).to(dev)
+    x1 = x[:, lead:].reshape(-1, *x.shape[2:]).to(dev)
+    g = torch.Generator(dev).manual_seed(0)
     one = world.step(x0, g)
     ens = torch.stack([world.step(x0, g) for _ in range(members)])
     rmse = lambda a: float(((a - x1) ** 2).mean().sqrt())  # noqa: E731
@@ -105,11 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=18.0)
     p.add_argument("--config", default=str(ROOT / "experiments" / "kolmogorov_conditional.toml"))
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the training data are simulated and the world evaluated (cpu, cuda, "
+        "auto); training itself uses the config's accelerator (auto: a GPU when present)",
+    )
     a = p.parse_args(argv)
+    from models.device import resolve_device
+
+    dev = str(resolve_device(a.device))
     torch.set_num_threads(1)
     out = Path(a.out or ROOT / "models" / "checkpoints" / f"kolmogorov{a.n}.pt")
     t0 = time.perf_counter()
-    x = simulate(a.n, a.seed, a.traj, a.snaps)
+    x = simulate(a.n, a.seed, a.traj, a.snaps, dev)
     t_sim = time.perf_counter() - t0
     print(f"simulated {tuple(x.shape)} in {t_sim:.1f}s", flush=True)
     log_dir = tempfile.mkdtemp(prefix="kolmogorov_train_")
@@ -123,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     train_world(cfg, to_dataarray(x), meta=meta)
     t_train = time.perf_counter() - t1
-    world = models.load(out).eval()
-    held = simulate(a.n, a.seed + 1, 4, 17)
+    world = models.load(out, device=dev).eval()
+    held = simulate(a.n, a.seed + 1, 4, 17, dev)
     err = one_step_error(world, held)
     kind = world.kind
     payload = models.checkpoint.read(out) if hasattr(models, "checkpoint") else {}
@@ -142,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(info, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "bench_dpf_kolmogorov_train" if kind == "conditional" else f"train_kolmogorov_{kind}"
+    if a.n != 32:
+        name = f"train_kolmogorov{a.n}_{kind}"
     dst = RESULTS / f"{name}.json"
     tmp = dst.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=1) + "\n")
