@@ -326,7 +326,8 @@ def _gamma(shape: float, n: int, generator: torch.Generator | None = None) -> Te
     a = shape if shape >= 1 else shape + 1.0
     d = a - 1.0 / 3.0
     c = 1.0 / (9.0 * d) ** 0.5
-    out = torch.empty(0, dtype=torch.float64)
+    dev = generator.device if generator is not None else None
+    out = torch.empty(0, dtype=torch.float64, device=dev)
     while out.numel() < n:
         m = 2 * (n - out.numel()) + 8
         x = randn((m,), generator, dtype=torch.float64)

@@ -20,7 +20,7 @@ DEVICE=${DEVICE:-cuda}
 N=${N:-64}
 TRAJ=${TRAJ:-64}
 SNAPS=${SNAPS:-200}
-MINUTES=${MINUTES:-3.5}
+MINUTES=${MINUTES:-3.0}
 CKPT_DIR=${CKPT_DIR:-$HOME/.cache/assim/worlds64}
 DEST=${DEST:-experiments/results/gpu64}
 KINDS="conditional dyffusion rolling function_space"
@@ -59,12 +59,12 @@ for p in "${pids[@]}"; do wait "$p" || log "a training exited with $?"; done
 log "trained: $(ls "$CKPT_DIR" | tr '\n' ' ')"
 
 log "3+4. forecast benchmark and fluid DA benchmark at ${N}² (in parallel)"
-timeout 240 $PY experiments/bench_forecast_worlds.py --system kolmogorov --n "$N" --device "$DEVICE" \
+timeout 200 $PY experiments/bench_forecast_worlds.py --system kolmogorov --n "$N" --device "$DEVICE" \
   --ckpt-dir "$CKPT_DIR" --fs-grids $((N / 2)) $((N * 2)) $FC_ARGS \
   >"$DEST/bench_forecast_kolmogorov$N.log" 2>&1 &
 f_pid=$!
 for s in a b; do
-  timeout 240 $PY experiments/bench_dpf_kolmogorov.py --n "$N" --device "$DEVICE" \
+  timeout 200 $PY experiments/bench_dpf_kolmogorov.py --n "$N" --device "$DEVICE" \
     --ckpt "$CKPT_DIR/kolmogorov${N}_conditional.pt" --op-a coarsen:8 --settings $s \
     --tag "_$N" $DPF_ARGS >"$DEST/bench_dpf_kolmogorov${N}_$s.log" 2>&1 &
   pids+=($!)

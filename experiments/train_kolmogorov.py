@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
 from models.physics import Kolmogorov  # noqa: E402
-from models.train import TrainConfig, train_world  # noqa: E402
+from models.train import TrainConfig, export_lightning, train_world  # noqa: E402
 
 DT, SUB, SPINUP = 0.2, 20, 100  # world step, RK4 sub-steps per step, spin-up steps (20 tu)
 RESULTS = ROOT / "experiments" / "results"
@@ -115,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the training data are simulated and the world evaluated (cpu, cuda, "
         "auto); training itself uses the config's accelerator (auto: a GPU when present)",
     )
+    p.add_argument(
+        "--from-lightning",
+        default=None,
+        metavar="CKPT",
+        help="no training: export the world of this Lightning checkpoint (last.ckpt of a run "
+        "stopped before its export), calibrated on freshly simulated data (--traj of them)",
+    )
     a = p.parse_args(argv)
     from models.device import resolve_device
 
@@ -134,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.snaps} snapshots, dt {DT}, spin-up {SPINUP * DT} tu",
     }
     t1 = time.perf_counter()
-    train_world(cfg, to_dataarray(x), meta=meta)
+    if a.from_lightning:
+        meta["exported_from"] = Path(a.from_lightning).name
+        export_lightning(cfg, a.from_lightning, to_dataarray(x), meta=meta)
+    else:
+        train_world(cfg, to_dataarray(x), meta=meta)
     t_train = time.perf_counter() - t1
     world = models.load(out, device=dev).eval()
     held = simulate(a.n, a.seed + 1, 4, 17, dev)

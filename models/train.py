@@ -14,7 +14,8 @@ back into a ready world (see :mod:`models.checkpoint`; no Lightning needed to lo
 * Seeds: :func:`lightning.seed_everything` (weights, noise draws, shuffling).
 * Multi-device: any Lightning strategy (``strategy="ddp"``, ``devices=2``); the
   distributed sampler is inserted by Lightning and only rank 0 writes the file.
-* Resume: ``ckpt_path`` (a Lightning ``.ckpt`` from ``<log_dir>/checkpoints``).
+* Resume: ``ckpt_path`` (a Lightning ``.ckpt`` from ``<log_dir>/checkpoints``); a run that
+  stopped before writing its world: :func:`export_lightning`.
 
 Run as ``python -m models.train CONFIG.toml`` (the ``assim train`` command wraps it).
 """
@@ -236,25 +237,64 @@ def train_world(
     """
     t0 = time.perf_counter()
     module, trainer, dm = fit(config, data)
-    out = Path(config.out)
     if trainer.is_global_zero:
-        world = module.export_world().cpu().eval()
-        if config.calibrate:
-            world.calibrate(*validation_pairs(dm))
-        info = {
-            # file locations are this machine's business: keep only their names
-            "train_config": {
-                k: (Path(v).name if k in ("out", "log_dir", "data") and isinstance(v, str) else v)
-                for k, v in dataclasses.asdict(config).items()
-                if v is not None
-            },
-            "global_steps": int(trainer.global_step),
-            "train_seconds": round(time.perf_counter() - t0, 1),
-            "torch": str(torch.__version__),
-            **(meta or {}),
-        }
-        save_checkpoint(world, out, meta=info)
-    return out
+        info = {"global_steps": int(trainer.global_step)}
+        info["train_seconds"] = round(time.perf_counter() - t0, 1)
+        export(config, module, dm, trainer.strategy.root_device, {**info, **(meta or {})})
+    return Path(config.out)
+
+
+def export(
+    config: TrainConfig,
+    module: WorldModule,
+    dm: WindowDataModule,
+    device: torch.device | str = "cpu",
+    meta: dict | None = None,
+) -> Path:
+    """Calibrate the EMA world of ``module`` on ``dm``'s validation pairs (on ``device``,
+    the training device: a big grid's calibration on a CPU takes minutes) and write it,
+    on CPU, to ``config.out`` with the training configuration in its metadata."""
+    world = module.export_world().eval().to(device)
+    if config.calibrate:
+        hist, nxt = validation_pairs(dm, max_items=1024)
+        with torch.no_grad():
+            world.calibrate(hist.to(device), nxt.to(device))
+    info = {
+        # file locations are this machine's business: keep only their names
+        "train_config": {
+            k: (Path(v).name if k in ("out", "log_dir", "data") and isinstance(v, str) else v)
+            for k, v in dataclasses.asdict(config).items()
+            if v is not None
+        },
+        "torch": str(torch.__version__),
+        **(meta or {}),
+    }
+    save_checkpoint(world.cpu(), Path(config.out), meta=info)
+    return Path(config.out)
+
+
+def export_lightning(
+    config: TrainConfig,
+    ckpt_path: str | os.PathLike,
+    data: xr.Dataset | xr.DataArray | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Write the world checkpoint of a Lightning training checkpoint (``last.ckpt`` of a
+    run that stopped before its export, e.g. killed at a time limit): the same world as
+    :func:`train_world` would have written at that step, calibrated on ``data``'s
+    validation split (``data`` as for :func:`fit`; its statistics are replaced by the
+    trained ones)."""
+    if config.world != "conditional":
+        from models.checkpoint import _world_class
+
+        config = _world_class(config.world).prepare_config(config)
+    dm = WindowDataModule(config, data)
+    dm.setup()
+    module = WorldModule(build_world(config, dm), config.lr, config.weight_decay, config.ema_decay)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    steps = int(state.get("global_step", -1))
+    return export(config, module, dm, "cpu", {"global_steps": steps, **(meta or {})})
 
 
 def main(argv: list[str] | None = None) -> int:

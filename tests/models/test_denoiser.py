@@ -80,21 +80,32 @@ def test_sample_t_distribution(gen):
 
 
 def test_loss_decreases(device, gen):
+    """Training lowers the denoising loss on a fixed evaluation set (the same data, times
+    and noise before and after), to below 60 % of the untrained loss; the minibatch
+    losses are too noisy for that comparison (a CUDA run sat at 62 % after 150 steps)."""
     torch.manual_seed(0)  # parameter init only; data and noise use explicit generators
     net = Denoiser(MLP(2, hidden=64, depth=2), CosineVP(), sigma_data=1.0).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = gen(0, device)
-    losses = []
-    for _ in range(150):
-        comp = torch.randint(0, 2, (256, 1), generator=g, device=device)
+
+    def data(n: int) -> torch.Tensor:
+        comp = torch.randint(0, 2, (n, 1), generator=g, device=device)
         x0 = (2 * comp - 1) * torch.tensor([[1.0, 0.5]], device=device)
-        x0 = x0 + 0.1 * torch.randn(256, 2, generator=g, device=device)
-        loss = net.loss(x0, generator=g)
+        return x0 + 0.1 * torch.randn(n, 2, generator=g, device=device)
+
+    x_eval, eval_seed = data(4096), 123
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return float(net.loss(x_eval, generator=gen(eval_seed, device)))
+
+    first = eval_loss()
+    for _ in range(300):
+        loss = net.loss(data(256), generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    last = eval_loss()
     assert last < 0.6 * first, (first, last)
 
 

@@ -21,6 +21,7 @@ from models.train import (
     WindowDataModule,
     WorldModule,
     build_world,
+    export_lightning,
     fit,
     train_world,
     validation_pairs,
@@ -169,6 +170,21 @@ def test_checkpoint_mismatch_and_bad_files_are_clear_errors(l96_data, tmp_path):
     torch.save({"hello": 1}, bad)
     with pytest.raises(ValueError, match="not an assim world checkpoint"):
         models.load(bad)
+
+
+def test_export_lightning_equals_the_trained_world(l96_data, tmp_path):
+    """A run's ``last.ckpt`` exported afterwards gives the world ``train_world`` wrote:
+    the same weights, statistics and calibration table (the recovery path of a run
+    stopped before its export)."""
+    cfg = tiny_config(tmp_path, steps=8, ema_decay=0.9)
+    path = train_world(cfg, l96_data)
+    last = next((tmp_path / "logs").rglob("last.ckpt"))
+    out = export_lightning(dataclasses.replace(cfg, out=str(tmp_path / "x.pt")), last, l96_data)
+    a, b = (torch.load(p, weights_only=True) for p in (path, out))
+    assert a["state_dict"].keys() == b["state_dict"].keys() and b["meta"]["global_steps"] == 8
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert torch.isfinite(a["state_dict"]["cal_mse"]).all()
 
 
 def test_resume_continues_the_step_count(l96_data, tmp_path):
