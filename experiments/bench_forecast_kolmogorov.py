@@ -93,6 +93,23 @@ def variants(kinds, q: dict[str, list[float]], var_scale: list[float] | None):
     return out
 
 
+def choose(path: str | Path) -> tuple[dict[str, list[float]], list[float] | None, dict]:
+    """Per kind, the variant of a validation run (its JSON) whose spread/skill is closest
+    to 1 (smallest mean ``|log(spread/skill)|`` over the leads): ``(q, var_scale, picks)``
+    for :func:`variants`, so a test run uses settings chosen on another truth."""
+    res = json.loads(Path(path).read_text())
+    best: dict[str, tuple[float, dict]] = {}
+    for name, st in res["settings"].items():
+        ss = np.asarray(res["per_lead"][name]["spread_skill"], dtype=float)
+        score = float(np.abs(np.log(np.clip(ss, 1e-6, None))).mean())
+        if st["kind"] not in best or score < best[st["kind"]][0]:
+            best[st["kind"]] = (score, st)
+    q = {k: [st["q"]] for k, (_, st) in best.items() if "q" in st}
+    c = [best["dyffusion"][1]["c"]] if "c" in best.get("dyffusion", (0, {}))[1] else None
+    picks = {k: {**st, "mean_abs_log_spread_skill": round(sc, 3)} for k, (sc, st) in best.items()}
+    return q, c, picks
+
+
 def setup(world, kind: str, setting: dict) -> None:
     """Apply a variant's ``q`` / DYffusion variance scale (``c``) to ``world`` in place."""
     if "q" in setting:
@@ -345,19 +362,34 @@ def main(argv: list[str]) -> None:
         metavar="C[,C..]",
         help="DYffusion kernel-variance scale(s)",
     )
+    p.add_argument(
+        "--choose-from",
+        default=None,
+        metavar="JSON",
+        help="take q / var-scale per kind from a validation run's JSON (spread/skill closest "
+        "to 1); replaces --q and --var-scale",
+    )
     p.add_argument("--quick", action="store_true", help="1 IC, 4 members, 1 turnover")
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     a.q = parse_q(a.q)
+    chosen = None
+    if a.choose_from:
+        a.q, a.var_scale, chosen = choose(a.choose_from)
+        print(f"chosen on {Path(a.choose_from).name}: {chosen}", flush=True)
     if a.var_scale is not None and not all(c > 0 for c in a.var_scale):
         raise SystemExit("--var-scale: values must be > 0")
     if a.quick:
         a.traj, a.ics, a.members, a.turnovers, a.tag = 1, 1, 4, 1.0, a.tag or "_quick"
     res = run(a)
+    if chosen:
+        res["chosen_on_validation"] = {"file": Path(a.choose_from).name, **chosen}
     text = table(res)
     grid = "" if a.n == 32 else str(a.n)
     stem = f"bench_forecast_worlds_kolmogorov{grid}{a.tag}"
-    shown = " ".join(x for x in argv if x not in ("--system", "kolmogorov"))
+    shown = " ".join(
+        Path(x).name if "/" in x else x for x in argv if x not in ("--system", "kolmogorov")
+    )
     head = (
         f"# {stem}\n\n`python experiments/bench_forecast_worlds.py --system kolmogorov "
         f"{shown}` — {a.n}² grid ({res['device']}), truth seed {a.seed}"
@@ -368,6 +400,9 @@ def main(argv: list[str]) -> None:
         "Cells: RMSE / fair CRPS / spread-skill at "
         "the lead (time units, eddy turnovers).\n\n"
     )
+    if chosen:
+        head += f"Settings chosen on `{Path(a.choose_from).name}` (spread/skill closest to 1): "
+        head += "; ".join(f"{k} {st}" for k, st in chosen.items()) + ".\n\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     for suffix, body in ((".md", head + text + "\n"), (".json", json.dumps(res, indent=1))):
         tmp = RESULTS / f"{stem}{suffix}.tmp"
