@@ -101,7 +101,7 @@ def run(
             f"{getattr(obs.operator, 'spec', obs)} gives {m} for state shape {state_shape}"
         )
     if truth is not None:
-        truth = torch.as_tensor(np.asarray(truth) if not torch.is_tensor(truth) else truth)
+        truth = torch.as_tensor(np.asarray(truth) if not torch.is_tensor(truth) else truth).cpu()
         if tuple(truth.shape) != (K, *state_shape):
             raise InputError(
                 f"truth must be (K={K}, {', '.join(map(str, state_shape))}) to match the "

@@ -42,15 +42,19 @@ def test_run_with_kalman_equals_the_kalman_filter(steps, device):
     m0, P0 = torch.zeros(D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)
     H = obs.operator.matrix((D,), dtype=torch.float64)
     kf = kalman_filter(A2, b2, Q2, H, obs.noise.covariance(2), m0, P0, ys)
+    truth = torch.linspace(-1, 1, 6 * D, dtype=torch.float64).reshape(6, D)
     ds = assim.run(
         world,
         KalmanFilter(m0, P0),
         ys.to(device),
         obs,
         torch.zeros(1, D, dtype=torch.float64, device=device),
+        truth=truth.to(device),  # on the device too (a GPU run found it compared on CPU)
         steps_per_cycle=steps,
         progress=False,
     )
+    rmse = (kf.means - truth).pow(2).mean(1).sqrt()
+    np.testing.assert_allclose(ds["rmse"].values, rmse.numpy(), rtol=1e-10)
     np.testing.assert_allclose(ds["mean"].values, kf.means.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
         ds["std"].values, torch.diagonal(kf.covs, dim1=1, dim2=2).sqrt().numpy(), rtol=1e-10
