@@ -1,4 +1,5 @@
-"""The shipped 32² Kolmogorov-flow world (``models/checkpoints/kolmogorov32.pt``).
+"""The shipped Kolmogorov-flow worlds (``models/checkpoints/kolmogorov32.pt`` and
+``kolmogorov64.pt``, the latter trained on a GPU by ``experiments/gpu_kolmogorov64.sh``).
 
 It must load, forecast one world step (dt = 0.2) with finite values, and beat
 persistence by a wide margin against the simulator that made its training data, on
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import models
 from models.worlds.physical import physical_world
 
-CKPT = Path(models.__file__).resolve().parent / "checkpoints" / "kolmogorov32.pt"
+CKPTS = Path(models.__file__).resolve().parent / "checkpoints"
 
 
 def _held_out_pair(n: int = 32, members: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,11 +29,12 @@ def _held_out_pair(n: int = 32, members: int = 4) -> tuple[torch.Tensor, torch.T
     return x, world.step(x)
 
 
-def test_shipped_kolmogorov_world_one_step(device: torch.device) -> None:
-    world = models.load(CKPT, device=device).eval()
-    assert tuple(world.state_shape) == (32, 32)
+@pytest.mark.parametrize("n", [32, 64])
+def test_shipped_kolmogorov_world_one_step(device: torch.device, n: int) -> None:
+    world = models.load(CKPTS / f"kolmogorov{n}.pt", device=device).eval()
+    assert tuple(world.state_shape) == (n, n)
     assert abs(world.dt - 0.2) < 1e-9
-    x0, x1 = _held_out_pair()
+    x0, x1 = _held_out_pair(n)
     x0, x1 = x0.to(device), x1.to(device)
     g = torch.Generator(device=device).manual_seed(0)
     pred = world.step(x0, g)
@@ -40,7 +43,8 @@ def test_shipped_kolmogorov_world_one_step(device: torch.device) -> None:
     err = (pred - x1).pow(2).mean().sqrt()
     inc = (x1 - x0).pow(2).mean().sqrt()  # persistence RMSE (~3.4 on this grid)
     # Threshold: the held-out one-step RMSE of one sample measured after training is
-    # ~0.21 of the increment std (0.75 vs 3.53) (bench_dpf_kolmogorov_train.json); 0.5 leaves
+    # ~0.21 of the increment std at 32² (0.75 vs 3.53, bench_dpf_kolmogorov_train.json) and
+    # 0.25 at 64² (0.72 vs 2.81, train_kolmogorov64_conditional.json); 0.5 leaves
     # room for sampling noise over 4 x 1024 points, while persistence (ratio 1), an
     # untrained network (ratio > 1, measured 1.35) or a wrong normalisation fail.
     assert err < 0.5 * inc, f"one-step RMSE {err:.3f} vs increment std {inc:.3f}"
