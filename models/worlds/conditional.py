@@ -322,6 +322,16 @@ class _MemoDenoiser:
         self._key, self._z, self._out = key, z.detach(), out.detach()
         return out
 
+    def reindex(self, idx: Tensor, cond: Tensor | None) -> None:
+        """Gather the memo's rows (whole-particle resampling), keyed to the new ``cond``."""
+        if self._key is not None:
+            t, _, _, dtype = self._key
+            self._z, self._out = self._z[idx], self._out[idx]
+            self._key = (t, id(cond), tuple(self._z.shape), dtype)
+
+    def clear(self) -> None:
+        self._key = self._z = self._out = None
+
 
 class ConditionalChain:
     """One physical step as a diffusion chain in state space (``TransitionChain``).
@@ -391,6 +401,30 @@ class ConditionalChain:
         if j in (last, -1):
             return self.q_var
         return self.s**2 * self.world.posterior_var(self.ratio[j]) + self.q_var
+
+    def reindex(self, idx: Tensor) -> None:
+        """Follow a resampling of the particles: the chain of ``x_k[idx]``, without a
+        rebuild (so without a new network call at the current diffusion index).
+
+        ``idx`` ``(N,)`` picks whole particles: ``cond``, ``o`` and the denoiser memo are
+        gathered, so a denoise at the same ``(x_t[idx], t_j)`` reuses the stored network
+        output (bit-identical: the memo compares inputs bitwise). ``idx`` ``(D, N)``
+        (localised resampling, per grid point ``d`` of ``S``) gathers ``cond`` and ``o``
+        per grid point, which equals rebuilding from the per-point gathered ``x_k``
+        because both are elementwise in the window; the memo is dropped."""
+        n = self.o.shape[0]
+        idx = idx.to(self.o.device)
+        if idx.dim() == 1:
+            self.cond, self.o = self.cond[idx], self.o[idx]
+            self._den.reindex(idx, self.cond)
+            return
+
+        def cols(t: Tensor) -> Tensor:  # (N, ..., *S) gathered per grid point
+            flat = t.reshape(n, -1, idx.shape[0])
+            return torch.gather(flat, 0, idx.T[:, None].expand_as(flat)).reshape(t.shape)
+
+        self.cond, self.o = cols(self.cond), cols(self.o)
+        self._den.clear()
 
     def run(self, generator: torch.Generator | None = None) -> Tensor:
         """Sample the whole chain: ``init`` then every kernel; returns ``x_{t_0}``."""
