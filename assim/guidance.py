@@ -262,6 +262,7 @@ class Guide:
         self.last = len(chain.times) - 1
         self._x_hat = self._tw = self._grad = self._x = None
         self._kern: tuple[int, GaussianKernel] | None = None  # a stitched kernel (stitch())
+        self.final_kernel: GaussianKernel | None = None  # kernel of the last step (step())
         self._dvar: dict[int, Any] = {}  # chain.denoise_var(j) of the current chain
 
     def _denoise_var(self, j: int) -> Any:
@@ -311,6 +312,8 @@ class Guide:
         else:
             kern = self.chain.kernel(x_t, j)
         s = j + 1
+        if s == self.last:  # the final kernel, for exact MCMC moves (assim.filters.dpf_moves)
+            self.final_kernel = kern
         if self.space is None:
             return kern.sample(generator), Increment()
         if self.twist == "none":

@@ -168,12 +168,15 @@ def truth_and_obs(setting: str, cycles: int, seed: int):
 def make_method(name: str, n: int, args):
     """``(filter, world_kind)``."""
     adapt = dict(adapt_q=getattr(args, "adapt_q", 0.0), q_range=getattr(args, "q_range", None))
+    adapt.update(moves=getattr(args, "moves", 0), move_beta=getattr(args, "move_beta", 0.5))
     if name.startswith("dpf"):
         return make_dpf(None, twist=args.twist, inner_threshold=args.inner, **adapt), "diff"
     if name.startswith("ldpf"):
         reuse = getattr(args, "reuse", None)
         filt = make_dpf(None, radius=args.radius, inner_threshold=args.inner,
-                        reuse_denoised=None if reuse is None else bool(reuse), **adapt)  # fmt: skip
+                        reuse_denoised=None if reuse is None else bool(reuse),
+                        hybrid=getattr(args, "hybrid", 0.0) or None,
+                        hybrid_radius=getattr(args, "hybrid_radius", None), **adapt)  # fmt: skip
         return filt, "diff"
     if name.startswith("pf"):
         return BootstrapPF(), "diff"
@@ -218,6 +221,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     ens = Ensemble(x0_draw(setting, n, g))
     analysed = []  # analysis steps (an observation was assimilated): DAPPER's rmse.a
     err, spread, ess_list, inner_list, ranks_e, ranks_y, qs = [], [], [], [], [], [], []
+    accs = []  # acceptance rates of the exact moves (--moves)
     t0 = time.time()
     with torch.no_grad():
         for k in range(args.cycles):
@@ -233,6 +237,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
                 inner_list.append(float(inner) if inner is not None else math.nan)
                 if info.get("q") is not None:
                     qs.append(float(info["q"]))
+                if info.get("move_accept") is not None:
+                    accs.append(float(info["move_accept"]))
             if k >= args.burn and analysed[-1] and len(ess_list) % 5 == 0:
                 idx = systematic(ens.log_w, n, g)  # equally weighted members for ranks
                 ranks_e.append(ens.x[idx])
@@ -260,6 +266,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         analysis_cycles=sum(analysed), steps_per_s=len(err) / secs,
         world=args.world if kind == "diff" else "true", steps=args.steps, q=q,
         q_mean=_nanmean(qs), q_last=qs[-1] if qs else math.nan,
+        move_accept=_nanmean(accs), hybrid=getattr(args, "hybrid", 0.0),
+        moves=getattr(args, "moves", 0), argv=" ".join(sys.argv[1:]),
         rmse_series=err[:: max(1, len(err) // 200)],
     )  # fmt: skip
 
@@ -358,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="ldpf: reuse_denoised (1) or re-run the denoiser (0)")  # fmt: skip
     p.add_argument("--adapt-q", type=float, default=0.0, help="dpf: adapt q (EMA weight)")
     p.add_argument("--q-range", type=float, nargs=2, default=None, help="dpf: adapted q range")
+    p.add_argument("--moves", type=int, default=0, help="dpf/ldpf: exact pCN moves per cycle")
+    p.add_argument("--move-beta", type=float, default=0.5, help="pCN step size in (0, 1]")
+    p.add_argument("--hybrid", type=float, default=0.0,
+                   help="ldpf: share gamma of the likelihood given to an LETKF step")  # fmt: skip
+    p.add_argument("--hybrid-radius", type=float, default=None, help="ldpf hybrid LETKF radius")
     p.add_argument("--letkf-radius", type=float, default=3.0)
     p.add_argument("--letkf-infl", type=float, default=1.05)
     p.add_argument("--etkf-infl", type=float, default=1.02)

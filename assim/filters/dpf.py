@@ -60,10 +60,15 @@ class DiffusionParticleFilter(Filter):
             cycle's ``q`` (the weights stay consistent for this data-adapted model-error
             schedule, as for adaptive inflation in ensemble Kalman filters).
         q_range: ``(q_min, q_max)`` of the adapted ``q``.
+        moves: number of exact pCN Metropolis–Hastings moves of ``x_{k+1}`` after the last
+            diffusion step (:func:`~assim.filters.dpf_moves.pcn_moves`; target: the final
+            kernel times the likelihood, so the weights stay exact); ``0`` (default): none.
+        move_beta: pCN step size in ``(0, 1]``.
     ``info`` per cycle: ``ess`` (outer ESS after the last weighting, before resampling),
     ``min_inner_ess``, ``log_z`` (evidence increment), ``resampled`` (outer),
     ``inner_resamples`` (count), ``collapsed``, ``biased`` (``dps_only``), ``skipped``,
-    ``q`` (the world's model-error level in this cycle, when it has one).
+    ``q`` (the world's model-error level in this cycle, when it has one), ``move_accept``
+    (mean acceptance rate of the moves).
     """
 
     name = "dpf"
@@ -78,6 +83,8 @@ class DiffusionParticleFilter(Filter):
         dps_scale: float = 1.0,
         adapt_q: float = 0.0,
         q_range: tuple[float, float] = (0.05, 2.0),
+        moves: int = 0,
+        move_beta: float = 0.5,
     ) -> None:
         if twist not in TWISTS:
             raise InputError(f"--twist: unknown twist {twist!r}; expected one of {list(TWISTS)}")
@@ -90,6 +97,13 @@ class DiffusionParticleFilter(Filter):
             raise InputError(f"q_range must be 0 < q_min <= q_max < inf, got {q_range!r}")
         self.adapt_q, self.q_range = float(adapt_q), (lo, hi)
         self._q2: float | None = None  # adapted q^2 (None: not yet estimated)
+        self._r_scale = 1.0  # R of the observation passed in / the true R (hybrid: 1 - gamma)
+        if int(moves) != moves or moves < 0:
+            raise InputError(f"moves must be an integer >= 0, got {moves!r}")
+        if not 0.0 < float(move_beta) <= 1.0:
+            raise InputError(f"move_beta must lie in (0, 1], got {move_beta!r}")
+        self.moves, self.move_beta = int(moves), float(move_beta)
+        self._final: tuple | None = None  # (final kernel, space, y) of the last cycle
         for name, v in (("ess_threshold", ess_threshold), ("inner_threshold", inner_threshold)):
             if not (v >= 0 and math.isfinite(v)):
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -204,6 +218,7 @@ class DiffusionParticleFilter(Filter):
                 f"transition_sampler), got {type(world).__name__}"
             )
         n = ensemble.size
+        self._final = None
         log_w = normalize(ensemble.log_w)[0]
         ens, log_w, res_outer = maybe_resample(
             ensemble, log_w, self.ess_threshold, self.scheme, generator
@@ -259,6 +274,10 @@ class DiffusionParticleFilter(Filter):
             flat = torch.full((n,), -math.log(n), dtype=x.dtype, device=x.device)
             w = self._weights(flat, n, space)
             info["collapsed"], log_z = True, -math.inf
+        if self.moves and not info["collapsed"] and guide.final_kernel is not None:
+            self._final = (guide.final_kernel, space, y_obs)
+            if not self.local:  # the localised filter moves after its local resampling
+                x = self._move(x, generator, info)
         info.update(
             ess=self._ess(w),
             min_inner_ess=min_inner,
@@ -267,9 +286,17 @@ class DiffusionParticleFilter(Filter):
         )
         return x, self._final_log_w(w), info
 
+    def _move(self, x: Tensor, generator: torch.Generator | None, info: dict) -> Tensor:
+        """Apply the exact pCN moves to ``x`` with the last cycle's final kernel."""
+        from assim.filters.dpf_moves import pcn_moves
+
+        kern, space, y = self._final
+        x, info["move_accept"] = pcn_moves(x, kern, space, y, self.moves, self.move_beta, generator)
+        return x
+
     def _adapt(self, world: Any, space: ObsSpace, y: Tensor, x_hat: Tensor, log_w: Tensor) -> None:
         """Update the smoothed ``q^2`` for the *next* cycle (see ``adapt_q``)."""
-        q2 = innovation_q2(space, y, x_hat, log_w)
+        q2 = innovation_q2(space, y, x_hat, log_w, self._r_scale)
         prev = float(getattr(world, "q", 0.0)) ** 2 if self._q2 is None else self._q2
         new = (1.0 - self.adapt_q) * prev + self.adapt_q * q2
         lo, hi = self.q_range
@@ -289,7 +316,9 @@ class DiffusionParticleFilter(Filter):
         return Ensemble(x, log_w), info
 
 
-def innovation_q2(space: ObsSpace, y: Tensor, x_hat: Tensor, log_w: Tensor) -> float:
+def innovation_q2(
+    space: ObsSpace, y: Tensor, x_hat: Tensor, log_w: Tensor, r_scale: float = 1.0
+) -> float:
     """Model-error variance that explains the innovations of one analysis.
 
     ``x_hat`` ``(N, *S)``: each particle's denoised forecast ``D_0(x_{t_J})`` ~ ``E[x_{k+1}
@@ -298,12 +327,14 @@ def innovation_q2(space: ObsSpace, y: Tensor, x_hat: Tensor, log_w: Tensor) -> f
     + q^2 a_o^2 sum_i H_oi^2`` for the innovation ``d = y - sum_n W_n h(x_hat_n)`` and the
     weighted spread ``s^2`` of ``h(x_hat)``; the moment estimate (as adaptive inflation,
     Desroziers et al. 2005, QJRMS 131; Miyoshi 2011, MWR 139) is
-    ``q_hat^2 = sum_o (d_o^2 - R_oo - s_o^2) / sum_o a_o^2 sum_i H_oi^2`` (may be < 0)."""
+    ``q_hat^2 = sum_o (d_o^2 - R_oo - s_o^2) / sum_o a_o^2 sum_i H_oi^2`` (may be < 0).
+    ``r_scale`` multiplies the space's ``R`` (the hybrid filter's tempered observation
+    has ``R / (1 - gamma)``; ``r_scale = 1 - gamma`` gives back the true ``R``)."""
     hx, a = space.h_and_slope(x_hat)
     w = log_w.exp().unsqueeze(1)
     mean = (w * hx).sum(0)
     spread = (w * (hx - mean) ** 2).sum(0)
-    r = space.r_var if space.r_var is not None else torch.diagonal(space.R)
+    r = r_scale * (space.r_var if space.r_var is not None else torch.diagonal(space.R))
     gain = space.H2.sum(1) * (1.0 if a is None else (w * a * a).sum(0))
     return float(((y - mean) ** 2 - r - spread).sum() / gain.sum().clamp_min(1e-30))
 
@@ -321,8 +352,9 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
     learned :class:`~models.worlds.conditional.Conditional` world); the other options go
     to :class:`DiffusionParticleFilter` (``twist``, ``ess_threshold`` -- alias
     ``threshold`` --, ``inner_threshold``, ``scheme`` -- alias ``resample`` --,
-    ``dps_scale``). ``None`` values are ignored; unknown options raise
-    :class:`InputError`.
+    ``dps_scale``, ``adapt_q``, ``q_range``, ``moves``, ``move_beta``); ``hybrid`` and
+    ``hybrid_radius`` exist for the localised filter only. ``None`` values are ignored;
+    unknown options raise :class:`InputError`.
     """
     opts = {k: v for k, v in options.items() if v is not None}
     for alias, name in (("threshold", "ess_threshold"), ("resample", "scheme")):
@@ -330,7 +362,7 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
             opts[name] = opts.pop(alias)
     allowed = {"twist", "ess_threshold", "inner_threshold", "scheme", "dps_scale", "radius",
                "periodic", "cutoff", "reuse_denoised", "steps", "q", "adapt_q",
-               "q_range"}  # fmt: skip
+               "q_range", "moves", "move_beta", "hybrid", "hybrid_radius"}  # fmt: skip
     bad = sorted(set(opts) - allowed)
     if bad:
         raise InputError(f"method dpf does not take option(s) {bad}; allowed {sorted(allowed)}")
@@ -347,6 +379,11 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
         from assim.filters.dpf_local import LocalDiffusionParticleFilter
 
         return LocalDiffusionParticleFilter(radius=float(radius), **opts)
-    for name in ("periodic", "cutoff", "reuse_denoised"):
+    if opts.get("hybrid"):
+        raise InputError(
+            "hybrid (ensemble-Kalman/particle split) needs the localised dpf (a finite "
+            "radius): it is an approximation, the global dpf stays exact"
+        )
+    for name in ("periodic", "cutoff", "reuse_denoised", "hybrid", "hybrid_radius"):
         opts.pop(name, None)
     return DiffusionParticleFilter(**opts)

@@ -21,6 +21,18 @@ Bocquet 2018, NPG 25, the "LPF-X" state-domain family; Penny & Miyoshi 2016):
 * Local weights cannot be carried in an :class:`Ensemble` (one weight per particle), so
   the filter resamples locally at the end of every cycle.
 
+**Hybrid ensemble-Kalman/particle update** (``hybrid = gamma`` in ``(0, 1)``): the
+likelihood is split as ``g = g^{1 - gamma} g^gamma``; for Gaussian noise ``g^{1 - gamma}
+∝ N(y; h(x), R / (1 - gamma))``. The guided chain, its twists and the local weights use
+the tempered ``R / (1 - gamma)`` (flatter weights: less degeneracy), and after the local
+resampling an LETKF (:class:`~assim.filters.letkf.LETKF`, radius ``hybrid_radius``, no
+inflation) assimilates the rest, ``R / gamma``, moving every particle with the
+ensemble's covariance -- which the particle weights alone cannot do. This is the
+"PF then EnKF" order of the hybrids of Frei & Künsch (2013, Biometrika 100) and
+Chustagulprom, Reich & Reinhardt (2016, SIAM/ASA JUQ 4); the Kalman part is exact only
+for a Gaussian forecast, so the hybrid is an approximation (like the local filter
+itself); ``gamma = 0`` is the plain local filter, bit for bit.
+
 This filter is **not** consistent: stitching particles breaks the path measure, and the
 reported ``log_z`` (from untapered weights, reset at each local resampling) is only an
 approximation. With ``radius = inf`` every taper is 1, all grid points share the global
@@ -38,11 +50,13 @@ from torch import Tensor
 from assim.errors import InputError
 from assim.filters.base import Ensemble
 from assim.filters.dpf import DiffusionParticleFilter
-from assim.filters.letkf import local_taper
+from assim.filters.letkf import LETKF, local_taper
 from assim.guidance import Guide, Increment, ObsSpace
-from assim.obs import _grid
+from assim.obs import Observation, _grid
+from assim.obs_noise import GaussianNoise
 from assim.rng import rand
 from assim.smc import ess, local_systematic, normalize, reweight
+from models.diffusion.kernel import GaussianKernel
 
 __all__ = ["LocalDiffusionParticleFilter"]
 
@@ -86,7 +100,12 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             steps). Exact for elementwise denoisers; for a network it approximates
             ``D(x')`` near the seams between ancestors (an approximation on top of the
             local filter's own).
-        Other arguments as :class:`DiffusionParticleFilter`; ``ess_threshold`` is unused
+        hybrid: ``gamma`` in ``[0, 1)``, the share of the likelihood assimilated by the LETKF
+            after the particle step (module doc); ``0``: off.
+        hybrid_radius: the LETKF's localisation radius (default: ``radius``).
+        Other arguments as :class:`DiffusionParticleFilter` (``moves``: the exact pCN moves
+        run *after* the local resampling, on each stitched particle's stitched final
+        kernel); ``ess_threshold`` is unused
         (local weights are resampled at the end of every cycle); ``inner_threshold``
         applies to the smallest local ESS.
     """
@@ -100,9 +119,20 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         periodic: bool = True,
         cutoff: float = 1e-3,
         reuse_denoised: bool = False,
+        hybrid: float = 0.0,
+        hybrid_radius: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not 0.0 <= float(hybrid) < 1.0:
+            raise InputError(f"hybrid must lie in [0, 1), got {hybrid!r}")
+        self.hybrid = float(hybrid)
+        self._kalman = None
+        self._split: dict[int, tuple] = {}
+        if self.hybrid > 0:
+            self._kalman = LETKF(radius=radius if hybrid_radius is None else hybrid_radius,
+                                 periodic=periodic, cutoff=cutoff)  # fmt: skip
+            self._r_scale = 1.0 - self.hybrid
         if not float(radius) > 0:
             raise InputError(f"--radius must be > 0, got {radius!r}")
         self.radius, self.periodic, self.cutoff = float(radius), bool(periodic), float(cutoff)
@@ -110,7 +140,8 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         self.reuse_denoised = bool(reuse_denoised)
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", radius={self.radius})"
+        extra = f", hybrid={self.hybrid}" if self.hybrid else ""
+        return super().__repr__()[:-1] + f", radius={self.radius}{extra})"
 
     def _make_space(self, obs: Any, state_shape, dtype, device) -> Any:
         sp = super()._make_space(obs, state_shape, dtype, device)
@@ -177,8 +208,10 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         obs: Any,
         generator: torch.Generator | None = None,
     ) -> tuple[Ensemble, dict[str, Any]]:
-        """Guided chain with local weights, then local resampling (equal weights out)."""
-        x, log_w, info = self.propagate(world, ensemble, y, obs, generator)
+        """Guided chain with local weights, then local resampling (equal weights out),
+        then the optional exact moves and the optional hybrid LETKF step."""
+        obs_pf, obs_kf = self._split_obs(obs) if self.hybrid > 0 else (obs, None)
+        x, log_w, info = self.propagate(world, ensemble, y, obs_pf, generator)
         n = x.shape[0]
         uniform = torch.full((n,), -math.log(n), dtype=x.dtype, device=x.device)
         if info.get("skipped"):
@@ -186,5 +219,42 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         local = log_w.T
         info["mean_local_ess"] = float(ess(local).mean())
         u = rand((1,), generator, device=x.device, dtype=torch.float64)
-        x = self._gather(x, local_systematic(local, u))
-        return Ensemble(x, uniform), info
+        idx = local_systematic(local, u)
+        x = self._gather(x, idx)
+        if self._final is not None:  # stitched kernel: column l from ancestor idx[l, n]
+            kern, space, y_obs = self._final
+
+            def g(t: Tensor) -> Tensor:
+                return self._gather(t.expand_as(x), idx)
+
+            self._final = (GaussianKernel(g(kern.mean), g(kern.var)), space, y_obs)
+            with torch.no_grad():
+                x = self._move(x, generator, info)
+        ens = Ensemble(x, uniform)
+        if obs_kf is not None and not info.get("collapsed"):
+            ens, kinfo = self._kalman.analysis(ens, y, obs_kf, generator)
+            info["log_z"] += kinfo["log_z"]  # Gaussian approximation of the Kalman part
+            info["hybrid"] = self.hybrid
+        return ens, info
+
+    def _split_obs(self, obs: Any) -> tuple[Any, Any]:
+        """``(obs with R / (1 - gamma), obs with R / gamma)`` (cached per ``obs``)."""
+        hit = self._split.get(id(obs))
+        if hit is None or hit[0] is not obs:
+            noise = obs.noise
+            if not isinstance(noise, GaussianNoise):
+                raise InputError(f"hybrid needs Gaussian observation noise, got {noise!r}")
+
+            def scaled(c: float) -> Observation:
+                new = (
+                    GaussianNoise(R=noise.R * c)
+                    if noise.R is not None
+                    else GaussianNoise(var=noise.var * c)
+                )
+                return Observation(obs.operator, new)
+
+            hit = (obs, scaled(1.0 / (1.0 - self.hybrid)), scaled(1.0 / self.hybrid))
+            self._split[id(obs)] = hit  # holds obs: its id cannot be reused while cached
+            while len(self._split) > 8:
+                self._split.pop(next(iter(self._split)))
+        return hit[1], hit[2]
