@@ -246,8 +246,6 @@ def impute(
     where a value was filled). ``prior=None`` fits :func:`fit_field_prior` on ``da``
     itself (all its fields, missing entries ignored). ``method``/``steps``/``particles``:
     see :func:`impute_array`."""
-    import xarray as xr
-
     data = field_data(da, mask)
     if not 0 < level < 1:
         raise InputError(f"level must be in (0, 1), got {level}")
@@ -257,6 +255,16 @@ def impute(
     prior = prior_for(data, prior, str(da.name), generator)
     groups = data.groups % prior.n_groups
     smp, mean = impute_array(prior, vals, groups, n, generator, window, method, steps, particles)
+    attrs = {"prior": "gaussian (EOF + Matern)", "method": _METHOD_DOC[method]}
+    return imputation_dataset(da, valid, smp, mean, level, attrs)
+
+
+def imputation_dataset(da, valid: np.ndarray, smp: Tensor, mean: Tensor, level: float, attrs: dict):
+    """The CF Dataset of an imputation of ``da`` (see :func:`impute`) from samples
+    ``(K, T, P)`` and mean ``(T, P)`` over the ``P`` points where ``valid`` is true."""
+    import xarray as xr
+
+    n = smp.shape[0]
     q = torch.quantile(smp, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=smp.dtype), 0)
 
     def grid(a: Tensor) -> np.ndarray:
@@ -287,8 +295,7 @@ def impute(
         attrs={
             "Conventions": "CF-1.8",
             "title": f"imputation of {name}",
-            "prior": "gaussian (EOF + Matern)",
-            "method": _METHOD_DOC[method],
+            **attrs,
             "level": level,
         },
     )
