@@ -15,8 +15,15 @@ and a :class:`~assim.impute.FieldPrior`; scores are ``(T, P)``, larger = more an
   (its mean is the change of climatology), ``P(|D_i| <= |d_obs|)`` (Nalisnick et al.
   2019): a frozen field or a stuck sensor is too likely under the model, not too
   unlikely, and (v) the marginal standardised
-  anomaly ``z_i / sqrt(Sigma_ii)``. The score is ``-log10`` of the smallest p-value
-  times the number of tests (Bonferroni); thresholds are set on clean data anyway.
+  anomaly ``z_i / sqrt(Sigma_ii)`` and (vi) a space-time GLR of a level shift on the
+  3x3 block over the last ``L`` steps (:func:`assim.anomaly_qc.persistence_z`). The score
+  is ``-log10`` of the smallest p-value times the number of tests (Bonferroni);
+  thresholds are set on clean data anyway. With ``qc`` the predictor is a Kalman filter
+  with background quality control (:mod:`assim.anomaly_qc`): observations failing a
+  first-guess or buddy check are not assimilated, so a persistent anomaly is not
+  absorbed into the next step's prediction.
+  :func:`assim.anomaly_qc.calibrate_evidence` rescales the statistics to unit variance
+  on clean (fit-period) fields when the prior's variances are off.
 - :func:`imputation_scores` -- ImDiffusion-style (Chen et al. 2023): hide one of
   ``n_groups`` interleaved groups of points at a time, impute it from everything else
   (space-time), score ``|x - mean| / spread`` of the imputed samples.
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from assim.anomaly_qc import PERSIST, SCAN, persistence_z, qc_filter
 from assim.errors import InputError
 from assim.impute import impute_array
 from assim.impute_prior import FieldPrior
@@ -60,16 +68,16 @@ def _chi2_log10sf(q: Tensor, dof: Tensor) -> Tensor:
     return sf.log10()
 
 
-def grid_neighbours(valid: np.ndarray, periodic_lon: bool = False) -> Tensor:
-    """Indices ``(P, 9)`` of the 3x3 neighbourhood of every valid point (C order), ``-1``
-    where the neighbour is land or outside the grid."""
+def grid_neighbours(valid: np.ndarray, periodic_lon: bool = False, radius: int = 1) -> Tensor:
+    """Indices ``(P, (2 radius + 1)^2)`` of the square neighbourhood of every valid point
+    (C order), ``-1`` where the neighbour is land or outside the grid."""
     nlat, nlon = valid.shape
     index = np.full(valid.shape, -1, dtype=np.int64)
     index[valid] = np.arange(int(valid.sum()))
     ii, jj = np.nonzero(valid)
     out = []
-    for di in (-1, 0, 1):
-        for dj in (-1, 0, 1):
+    for di in range(-radius, radius + 1):
+        for dj in range(-radius, radius + 1):
             i, j = ii + di, jj + dj
             if periodic_lon:
                 j = j % nlon
@@ -103,58 +111,154 @@ def predictive(prior: FieldPrior) -> tuple[Tensor, Tensor]:
 
 
 def evidence_scores(
-    prior: FieldPrior, values: Tensor, groups: Tensor, valid: np.ndarray | None = None
+    prior: FieldPrior,
+    values: Tensor,
+    groups: Tensor,
+    valid: np.ndarray | None = None,
+    qc: float | None = None,
+    persist: int = PERSIST,
+    scales: dict | None = None,
+    scan: tuple[int, ...] = SCAN,
 ) -> Tensor:
     """``-log10`` of the Bonferroni-adjusted smallest p-value of the statistics (i)-(v) of
-    the module docstring,
-    ``(T, P)``. The first step has no predecessor: its innovation is taken against the
-    marginal ``N(0, Sigma)`` and its increment test is skipped. ``valid`` (the grid's
-    valid-point mask) enables the 3x3 block statistic."""
+    the module docstring (and (vi) below), ``(T, P)``. The first step has no predecessor:
+    its innovation is taken against the marginal ``N(0, Sigma)`` and its increment and
+    persistence tests are skipped. ``valid`` (the grid's valid-point mask) enables the
+    3x3 block statistic.
+
+    - ``qc``: rejection threshold (in sd) of the background/buddy quality control of
+      :mod:`assim.anomaly_qc`; rejected points are not assimilated, so the predictor of
+      the next step does not absorb a persistent anomaly, and (i)-(iii) are taken against
+      the filter's forecast ``N(m_k, F_k)``. ``None`` (the default: the QC filter costs
+      a dense ``P x P`` update per rejecting step, minutes on grids of thousands of
+      points) conditions on the observed previous field; ``inf`` gives the same scores.
+      :data:`assim.anomaly_qc.QC_THRESHOLD` (4 sd) is the benchmark's setting.
+    - ``persist``: window ``L`` of (vi), the space-time GLR of a level shift of
+      :func:`assim.anomaly_qc.persistence_z`; ``1`` (or less) leaves it out. ``scan``:
+      its block radii (``1``: 3x3, ``2``: 5x5, ...): a scan over the unknown extent of
+      the shift, Bonferroni over radii and lags.
+    - ``scales``: mean squares of the standardised statistics on clean data
+      (:func:`assim.anomaly_qc.calibrate_evidence`); the statistics are divided by
+      their root (the innovation-variance check of Desroziers et al. 2005, one factor
+      per statistic).
+      ``None``: the model's own variances.
+
+    With ``qc=None``, ``persist=1``, ``scales=None`` the scores are those of the
+    predictive alone (the historical default)."""
     z = prior.standardize(values, groups)
     if not bool(torch.isfinite(z).all()):
         raise InputError("evidence scores need fully observed fields (impute gaps first)")
+    sc = {} if scales is None else scales
     gain, s = prior.cached("predictive", lambda: predictive(prior))
     sig = prior.cached("spatial_cov", prior.window.spatial_cov)
-    out = torch.empty_like(z)
+    q_sig, q_s = _precision(prior, True, sig), _precision(prior, False, s)
     nb = grid_neighbours(valid, _is_periodic(prior)) if valid is not None else None
     inc_var = 2 * torch.diagonal(sig) - 2 * prior.window.lag_cov_diag()
-    for first, cov in ((True, sig), (False, s)):
-        ks = [0] if first else list(range(1, z.shape[0]))
-        if not ks:
-            continue
-        r = z[ks] - (0 if first else z[[k - 1 for k in ks]] @ gain.T)
-        q = prior.cached(
-            f"precision_{first}", lambda c=cov: torch.cholesky_inverse(torch.linalg.cholesky(c))
-        )
-        qd = torch.diagonal(q)
-        logs = [_two_sided_log10p(r / torch.diagonal(cov).sqrt())]
-        qr = r @ q
-        logs.append(_two_sided_log10p(qr / qd.sqrt()))
-        if nb is not None:  # winsorised so one outlier does not flag its neighbours
-            qr_w = (qr / qd.sqrt()).clamp(-_CLIP, _CLIP) * qd.sqrt()
-            logs.append(_block_log10p(q, qr_w, nb))
-        if not first:  # marginal standardised anomaly (the innovation's for k = 0)
-            logs.append(_two_sided_log10p(z[ks] / torch.diagonal(sig).sqrt()))
-            # raw increment x_k - x_{k-1} ~ N(m_k - m_{k-1}, s^2 inc_var) (in units of s):
-            # P(|D| <= |d_obs|), zero for an exact repeat whatever the seasonal change
-            prev = [k - 1 for k in ks]
-            d = ((values[ks] - values[prev]).double() / prior.clim_std).abs()
-            g = groups.long()
-            mu = (prior.clim_mean[g[ks]] - prior.clim_mean[g[prev]]) / prior.clim_std
-            sd = inc_var.sqrt()
-            p_small = torch.special.ndtr((d - mu) / sd) - torch.special.ndtr((-d - mu) / sd)
-            logs.append(p_small.clamp_min(1e-300).log10())
-        lp = torch.stack(logs).min(0).values + math.log10(len(logs))
-        out[ks] = -lp.clamp_max(0.0)
+    if qc is None:  # innovations against the observed previous field
+        innov = torch.cat([z[:1], z[1:] - z[:-1] @ gain.T])
+        qc_steps: list = []
+        cov_diag = torch.diagonal(s).expand_as(z).clone()
+        cov_diag[0] = torch.diagonal(sig)
+    else:
+        c_b, c_l = qc * _root(sc, "innov"), qc * _root(sc, "loo")
+        res = qc_filter(gain, s, sig, z, c_b, q_s, q_sig, c_l)
+        innov, cov_diag = res.innov, res.cov_diag
+        qc_steps = [k for k in range(z.shape[0]) if res.factors[k] is not None]
+    t = z.shape[0]
+    logs = [torch.zeros_like(z) for _ in range(3 if nb is not None else 2)]
+    batches = [] if 0 in qc_steps else [([0], q_sig)]
+    batches.append(([k for k in range(1, t) if k not in qc_steps], q_s))
+    batches += [([k], None) for k in qc_steps]  # Q_k rebuilt one step at a time
+    for ks, q in batches:
+        if ks:
+            qk = res.precision(ks[0]) if q is None else q
+            lg = _innovation_logs(innov[ks], cov_diag[ks[0]], qk, nb, sc)
+            for acc, v in zip(logs, lg, strict=True):
+                acc[ks] = v
+    out = torch.empty_like(z)
+    n0 = len(logs)
+    out[:1] = -(torch.stack([lg[:1] for lg in logs]).min(0).values + math.log10(n0)).clamp_max(0)
+    if t == 1:
+        return out
+    logs = [lg[1:] for lg in logs]
+    # marginal standardised anomaly (the innovation's for k = 0)
+    logs.append(_two_sided_log10p(z[1:] / torch.diagonal(sig).sqrt() / _root(sc, "marginal")))
+    # raw increment x_k - x_{k-1} ~ N(m_k - m_{k-1}, s^2 inc_var) (in units of s):
+    # P(|D| <= |d_obs|), zero for an exact repeat whatever the seasonal change
+    d = ((values[1:] - values[:-1]).double() / prior.clim_std).abs()
+    g = groups.long()
+    mu = (prior.clim_mean[g[1:]] - prior.clim_mean[g[:-1]]) / prior.clim_std
+    sd = inc_var.sqrt()
+    p_small = torch.special.ndtr((d - mu) / sd) - torch.special.ndtr((-d - mu) / sd)
+    logs.append(p_small.clamp_min(1e-300).log10())
+    if persist > 1:
+        nu = innov / cov_diag.sqrt()
+        lp = [
+            _two_sided_log10p(persistence_z(nu, s, nbr, persist, _root(sc, f"persist{r}"))[1:])
+            for r, nbr in _scan_blocks(prior, valid, scan)
+        ]
+        logs.append(torch.stack(lp).min(0).values + math.log10(persist * len(lp)))
+    lp = torch.stack(logs).min(0).values + math.log10(len(logs))
+    out[1:] = -lp.clamp_max(0.0)
     return out
+
+
+def _scan_blocks(prior: FieldPrior, valid: np.ndarray | None, scan: tuple[int, ...]) -> list:
+    """``[(radius, neighbours (P, (2r+1)^2))]``; one entry ``(1, None)`` without a grid."""
+    if valid is None:
+        return [(1, None)]
+    key = f"scan_{valid.shape}_{hash(valid.tobytes())}"
+    nbs = prior.cached(key, lambda: {})
+    for r in scan:
+        if r not in nbs:
+            nbs[r] = grid_neighbours(valid, _is_periodic(prior), r)
+    return [(r, nbs[r]) for r in scan]
+
+
+def _root(scales: dict, key: str) -> float:
+    return math.sqrt(scales.get(key, 1.0))
+
+
+def _precision(prior: FieldPrior, first: bool, cov: Tensor) -> Tensor:
+    return prior.cached(
+        f"precision_{first}", lambda: torch.cholesky_inverse(torch.linalg.cholesky(cov))
+    )
+
+
+def _innovation_logs(
+    r: Tensor, cov_diag: Tensor, q: Tensor, nb: Tensor | None, scales: dict
+) -> list:
+    """``log10`` p-values (i)-(iii) of innovations ``r`` ``(n, P)`` with covariance
+    diagonal ``cov_diag`` ``(P,)`` and precision ``q`` ``(P, P)``."""
+    qd = torch.diagonal(q)
+    nu = r / cov_diag.sqrt()
+    qr = r @ q
+    loo = qr / qd.sqrt()
+    if scales:
+        nu, loo = nu / _root(scales, "innov"), loo / _root(scales, "loo")
+        qr = loo * qd.sqrt()
+    logs = [_two_sided_log10p(nu), _two_sided_log10p(loo)]
+    if nb is not None:  # winsorised so one outlier does not flag its neighbours
+        qr_w = loo.clamp(-_CLIP, _CLIP) * qd.sqrt()
+        logs.append(_block_log10p(q, qr_w, nb, scales.get("block", 1.0)))
+    return logs
 
 
 def _is_periodic(prior: FieldPrior) -> bool:
     return prior.geometry == "torus" or float(prior.lon.max() - prior.lon.min()) > 300
 
 
-def _block_log10p(q: Tensor, qr: Tensor, nb: Tensor) -> Tensor:
-    """Leave-block-out chi-square p-values ``(T, P)`` for the 3x3 blocks ``nb`` (P, 9)."""
+def _block_log10p(q: Tensor, qr: Tensor, nb: Tensor, scale: float = 1.0) -> Tensor:
+    """Leave-block-out chi-square p-values ``(T, P)`` for the 3x3 blocks ``nb`` (P, 9);
+    the Mahalanobis distances are divided by ``scale``."""
+    maha, dof = _block_maha(q, qr, nb)
+    if scale != 1.0:
+        maha = maha / scale
+    return _chi2_log10sf(maha, dof)  # block centred at each point
+
+
+def _block_maha(q: Tensor, qr: Tensor, nb: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Qr)_B^T Q_BB^{-1} (Qr)_B`` ``(T, P)`` and the block sizes ``(P,)``."""
     ok = nb >= 0
     idx = nb.clamp_min(0)
     qbb = q[idx[:, :, None], idx[:, None, :]]  # (P, 9, 9)
@@ -164,7 +268,7 @@ def _block_log10p(q: Tensor, qr: Tensor, nb: Tensor) -> Tensor:
     v = qr[:, idx] * ok  # (T, P, 9)
     sol = torch.linalg.solve(qbb, v.transpose(0, 1).transpose(1, 2))  # (P, 9, T)
     maha = (v.transpose(0, 1) * sol.transpose(1, 2)).sum(-1).T  # (T, P)
-    return _chi2_log10sf(maha, ok.sum(1).to(q.dtype))  # block centred at each point
+    return maha, ok.sum(1).to(q.dtype)
 
 
 def imputation_scores(
