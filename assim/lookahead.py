@@ -157,19 +157,30 @@ def _flow(flow: Any, x: Tensor, steps: int) -> Tensor:
     return x
 
 
-def fd_jacobian(flow: Any, x: Tensor, steps: int, eps: float) -> tuple[Tensor, Tensor]:
-    """``F^{steps}(x)`` ``(N, *S)`` and its Jacobian ``(N, d, d)`` by central differences
-    with step ``eps`` (one batched propagation of ``(1 + 2d) N`` states; exact for an
-    affine ``F``). ``steps = 0``: ``x`` and the identity."""
+def fd_jacobian(
+    flow: Any, x: Tensor, steps: int, eps: float, scheme: str = "central"
+) -> tuple[Tensor, Tensor]:
+    """``F^{steps}(x)`` ``(N, *S)`` and its Jacobian ``(N, d, d)`` by finite differences
+    with step ``eps``: ``scheme="central"`` ``(F(x + eps e_i) - F(x - eps e_i)) / 2 eps``
+    (one batched propagation of ``(1 + 2d) N`` states, error ``O(eps^2)``) or
+    ``"forward"`` ``(F(x + eps e_i) - F(x)) / eps`` (``(1 + d) N`` states, error
+    ``O(eps)``). Both are exact for an affine ``F``. ``steps = 0``: ``x`` and the identity."""
+    if scheme not in ("central", "forward"):
+        raise InputError(f"fd scheme must be 'central' or 'forward', got {scheme!r}")
     n, shape = x.shape[0], x.shape[1:]
     d = math.prod(shape)
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     if steps == 0:
         return x, eye.expand(n, d, d)
     flat = x.reshape(n, 1, d)
-    batch = torch.cat([flat, flat + eps * eye, flat - eps * eye], 1)  # (N, 1 + 2d, d)
-    out = _flow(flow, batch.reshape(n * (1 + 2 * d), *shape), steps).reshape(n, 1 + 2 * d, d)
-    jac = (out[:, 1 : 1 + d] - out[:, 1 + d :]).transpose(1, 2) / (2 * eps)
+    shifts = [flat + eps * eye] + ([flat - eps * eye] if scheme == "central" else [])
+    batch = torch.cat([flat, *shifts], 1)  # (N, 1 + 2d or 1 + d, d)
+    k = batch.shape[1]
+    out = _flow(flow, batch.reshape(n * k, *shape), steps).reshape(n, k, d)
+    if scheme == "central":
+        jac = (out[:, 1 : 1 + d] - out[:, 1 + d :]).transpose(1, 2) / (2 * eps)
+    else:
+        jac = (out[:, 1:] - out[:, :1]).transpose(1, 2) / eps
     return out[:, 0].reshape(x.shape), jac
 
 
@@ -186,6 +197,8 @@ class LookaheadPF:
         ess_threshold: resample at the start of a window when ``ESS < threshold N``.
         scheme: resampling scheme of :mod:`assim.smc`.
         fd_eps: finite-difference step for the flow's Jacobian (state units).
+        fd: ``"central"`` or ``"forward"`` differences (:func:`fd_jacobian`; forward costs
+            ``1 + d`` instead of ``1 + 2d`` propagations per linearisation point).
         linearise: ``"particle"`` (the flow linearised at every particle's own point:
             ``(1 + 2d) N`` propagations per pass) or ``"mean"`` (the flow ``F^{r}``
             linearised once at the mean of the kernel means, ``F(x) ~ F(x_bar) + J (x -
@@ -214,6 +227,7 @@ class LookaheadPF:
         linearise: str = "particle",
         mix: float = 0.0,
         mix_scale: float = 10.0,
+        fd: str = "central",
     ) -> None:
         if not (q > 0 and math.isfinite(q)):
             raise InputError(f"q must be a finite number > 0, got {q!r}")
@@ -229,7 +243,10 @@ class LookaheadPF:
             raise InputError(f"linearise must be 'particle' or 'mean', got {linearise!r}")
         if not (0.0 <= mix < 1.0) or not (mix_scale > 0 and math.isfinite(mix_scale)):
             raise InputError(f"need 0 <= mix < 1 and mix_scale > 0, got {mix!r}, {mix_scale!r}")
+        if fd not in ("central", "forward"):
+            raise InputError(f"fd must be 'central' or 'forward', got {fd!r}")
         get_resampler(scheme)
+        self.fd = fd
         self.linearise, self.mix, self.mix_scale = linearise, float(mix), float(mix_scale)
         self.q, self.inject, self.iters = float(q), inject, int(iters)
         self.inflation, self.ess_threshold = float(inflation), float(ess_threshold)
@@ -239,7 +256,8 @@ class LookaheadPF:
         return (
             f"LookaheadPF(q={self.q}, inject={self.inject!r}, iters={self.iters}, "
             f"inflation={self.inflation}, ess_threshold={self.ess_threshold}, "
-            f"linearise={self.linearise!r}, mix={self.mix}, mix_scale={self.mix_scale})"
+            f"linearise={self.linearise!r}, mix={self.mix}, mix_scale={self.mix_scale}, "
+            f"fd={self.fd!r})"
         )
 
     def _linearise(self, flow: Any, x_lin: Tensor, shape, r: int, lin: dict) -> tuple:
@@ -249,15 +267,15 @@ class LookaheadPF:
         if self.linearise == "mean":
             if "bar" not in lin:
                 x_bar = lin["m"].mean(0, keepdim=True)
-                f_bar, j_bar = fd_jacobian(flow, x_bar.reshape(1, *shape), r, self.fd_eps)
+                f_bar, j_bar = fd_jacobian(flow, x_bar.reshape(1, *shape), r, self.fd_eps, self.fd)
                 lin["bar"] = (x_bar, f_bar.reshape(1, -1), j_bar[0])
             x_bar, f_bar, j_bar = lin["bar"]
             return (f_bar + (x_lin - x_bar) @ j_bar.T).reshape(n, *shape), j_bar.expand(n, -1, -1)
         if x_lin is lin["m"]:
             if "first" not in lin:
-                lin["first"] = fd_jacobian(flow, x_lin.reshape(n, *shape), r, self.fd_eps)
+                lin["first"] = fd_jacobian(flow, x_lin.reshape(n, *shape), r, self.fd_eps, self.fd)
             return lin["first"]
-        return fd_jacobian(flow, x_lin.reshape(n, *shape), r, self.fd_eps)
+        return fd_jacobian(flow, x_lin.reshape(n, *shape), r, self.fd_eps, self.fd)
 
     def _proposal(
         self, flow: Any, v: Tensor, y: Tensor, obs: Any, r: int, shape, lin: dict

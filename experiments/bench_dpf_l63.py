@@ -9,7 +9,10 @@ Methods (``--methods``):
 * ``la``: the look-ahead window filter (:class:`assim.lookahead.LookaheadPF`) with the
   learned diffusion world ``models/checkpoints/l63.pt`` (:class:`~assim.lookahead.DiffusionFlow`,
   ``--steps`` diffusion steps): model error ``--q`` injected once per window (``--inject``
-  first/last), Gauss–Newton proposal with ``--iters`` passes (0: bootstrap);
+  first/last), Gauss–Newton proposal with ``--iters`` passes (0: bootstrap), the flow's
+  Jacobian by ``--fd`` central/forward differences of the learned flow itself (nothing of
+  the true model enters this method: truth and observations only); ``--ckpt`` another
+  checkpoint (e.g. a retrained world);
 * ``la-true``: the same filter with the true model (:class:`~assim.lookahead.PhysicalFlow`);
 * ``pf-true``: the bootstrap PF with the true model and DAPPER's regularisation
   (``PartFilt(reg=--reg, NER=0.3)``, the reference ``PF N=100 0.38``).
@@ -83,7 +86,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     torch.set_num_threads(1)
     truth, ys, obs = truth_and_obs(setting, args.windows, seed)
     g = torch.Generator().manual_seed(1000 + seed)
-    phys = physical_world("l63")
+    # the true model only for the "-true" methods: the learned row sees truth and obs only
+    phys = physical_world("l63") if method.endswith("-true") else None
     if method == "pf-true":
         filt = BootstrapPF(threshold=0.3, jitter=args.reg * n ** (-1.0 / 7))
         dtype = torch.float64
@@ -91,13 +95,13 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         filt = LookaheadPF(q=args.q, inject=args.inject, iters=args.iters,
                            inflation=args.inflation, ess_threshold=args.threshold,
                            linearise=args.linearise, mix=args.mix,
-                           mix_scale=args.mix_scale)  # fmt: skip
+                           mix_scale=args.mix_scale, fd=args.fd)  # fmt: skip
         if method == "la-true":
             flow, dtype = PhysicalFlow(phys), torch.float64
         else:
             import models
 
-            world = models.load(str(CKPT), device="cpu")
+            world = models.load(str(args.ckpt), device="cpu")
             world.eval()
             flow, dtype = DiffusionFlow(world, steps=args.steps), torch.float32
     ens = Ensemble(x0_draw(n, g, dtype))
@@ -138,7 +142,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         setting=setting, method=method, n=n, seed=seed, q=args.q, inject=args.inject,
         iters=args.iters, steps=args.steps, linearise=args.linearise,
         inflation=args.inflation, reg=args.reg, anneal=args.anneal, q_start=args.q_start,
-        mix=args.mix, mix_scale=args.mix_scale,
+        mix=args.mix, mix_scale=args.mix_scale, fd=args.fd,
+        ckpt=Path(args.ckpt).name if method == "la" else "-",
         rmse_a=rmse_a, median_err=sorted(e)[len(e) // 2] if e else math.nan,
         spread_skill=sp / rmse_a if rmse_a > 0 else math.nan,
         mean_ess=sum(ess_l) / max(1, len(ess_l)), late=sum(tail) / len(tail),
@@ -154,26 +159,30 @@ def summarise(rows: list[dict], setting: str) -> str:
     lines = [
         f"### {setting} (reference: {SETTINGS[setting][2]})",
         "",
-        "| method | q | mix | inject | iters | steps | N | seeds | analyses "
+        "| method | world | q | mix | inject | iters | steps | N | seeds | analyses "
         "| rmse.a median [min, max] | late err | spread/skill | mean ESS | lost | analyses/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     keyf = lambda r: (r["method"], r["q"], r["mix"], r["mix_scale"], r["inject"], r["iters"],  # noqa: E731
-                      r["steps"], r["n"], r["linearise"])  # fmt: skip
+                      r["steps"], r["n"], r["linearise"], r.get("fd", "central"),
+                      r.get("ckpt", "l63.pt" if r["method"] == "la" else "-"))  # fmt: skip
     for key in sorted({keyf(r) for r in rows}, key=str):
         rs = [r for r in rows if keyf(r) == key]
         v = [r["rmse_a"] for r in rs]
-        method, q, mix, mix_scale, inject, iters, steps, n, lin = key
+        method, q, mix, mix_scale, inject, iters, steps, n, lin, fd, ckpt = key
+        world = ckpt if method == "la" else "true"
         mixs = f"{mix:g}×{mix_scale:g}q" if mix else "0"
         if lin == "mean":
             inject = f"{inject} (lin. mean)"
+        if fd == "forward":
+            inject = f"{inject}, fwd FD"
         if method == "pf-true":
             q, mixs, inject, iters, steps = f"reg {rs[0]['reg']:g}", "-", "-", "-", "-"
         elif method == "la-true":
             steps = "-"
         fmt = ".2e" if min(v) < 0.01 else ".3f"
         lines.append(
-            f"| {method} | {q} | {mixs} | {inject} | {iters} | {steps} | {n} | {len(rs)} "
+            f"| {method} | {world} | {q} | {mixs} | {inject} | {iters} | {steps} | {n} | {len(rs)} "
             f"| {rs[0]['analyses']} | {median(v):{fmt}} [{min(v):{fmt}}, {max(v):{fmt}}] "
             f"| {median(r['late'] for r in rs):{fmt}} "
             f"| {median(r['spread_skill'] for r in rs):.2f} "
@@ -206,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix", type=float, default=0.0, help="weight of the wide component")
     p.add_argument("--mix-scale", type=float, default=10.0, help="its q / --q")
     p.add_argument("--linearise", default="particle", choices=["particle", "mean"])
+    p.add_argument("--fd", default="central", choices=["central", "forward"],
+                   help="finite differences of the flow's Jacobian")  # fmt: skip
+    p.add_argument("--ckpt", default=str(CKPT), help="la: the learned world's checkpoint")
     p.add_argument("--threshold", type=float, default=0.5, help="resampling ESS fraction")
     p.add_argument("--steps", type=int, default=5, help="diffusion steps of the learned world")
     p.add_argument("--reg", type=float, default=2.4, help="pf-true: DAPPER's reg")

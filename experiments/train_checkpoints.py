@@ -18,9 +18,10 @@ How they are made (all recorded in each checkpoint's ``meta``):
   torch threads = ``--threads`` (2 by default), seed 0; the last 5 % of each
   trajectory validates and calibrates the twist variance.
 
-The shipped files were made with ``--which l96 --minutes 6.5 --threads 8`` and
-``--which l63 --minutes 5 --threads 4`` on a 16-core CPU (8549 and 22603 steps;
-see ``models/checkpoints/README.md``).
+The shipped files were made with ``--which l96 --minutes 6.5 --threads 8`` on a 16-core
+CPU (8549 steps) and ``--which l63 --minutes 20 --threads 1`` on the 2-core box with
+``experiments/l63_conditional.toml`` as of stop 13 (27887 steps); see
+``models/checkpoints/README.md``.
 
 Usage: ``python experiments/train_checkpoints.py [--which l96 l63] [--minutes 10]``
 (``--quick``: a 1-minute smoke run into the git-ignored ``experiments/results/lightning_logs``).

@@ -42,19 +42,45 @@ def _setup(d: int = 3, L: int = 4, q: float = 0.4, seed: int = 0):
     return A, H, obs, torch.linalg.matrix_power(A, L), q**2 * AL1 @ AL1.T, L, q
 
 
-def test_fd_jacobian_is_exact_for_a_linear_flow():
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_fd_jacobian_is_exact_for_a_linear_flow(scheme):
     A, *_ = _setup()
     x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
-    fx, jac = fd_jacobian(PhysicalFlow(_LinearSim(A)), x, 3, 0.1)
+    fx, jac = fd_jacobian(PhysicalFlow(_LinearSim(A)), x, 3, 0.1, scheme)
     A3 = torch.linalg.matrix_power(A, 3)
     torch.testing.assert_close(fx, x @ A3.T)
     torch.testing.assert_close(jac, A3.expand(5, 3, 3))
 
 
+class _SquareSim:
+    def deterministic_step(self, x: torch.Tensor) -> torch.Tensor:
+        return x**2
+
+
+def test_fd_jacobian_closed_forms_for_a_quadratic_flow():
+    """``F(x) = x^2`` (elementwise): central differences give ``diag(2x)`` exactly, forward
+    differences ``diag(2x + eps)`` exactly (their O(eps) error, in closed form)."""
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    eps = 0.1
+    _, jc = fd_jacobian(PhysicalFlow(_SquareSim()), x, 1, eps, "central")
+    fx, jf = fd_jacobian(PhysicalFlow(_SquareSim()), x, 1, eps, "forward")
+    torch.testing.assert_close(fx, x**2)
+    torch.testing.assert_close(jc, torch.diag_embed(2 * x))
+    torch.testing.assert_close(jf, torch.diag_embed(2 * x + eps))
+    with pytest.raises(InputError):
+        fd_jacobian(PhysicalFlow(_SquareSim()), x, 1, eps, "backward")
+
+
 @pytest.mark.parametrize(
-    ("inject", "linearise"), [("first", "particle"), ("last", "particle"), ("first", "mean")]
+    ("inject", "linearise", "fd"),
+    [
+        ("first", "particle", "central"),
+        ("last", "particle", "central"),
+        ("first", "mean", "central"),
+        ("first", "particle", "forward"),
+    ],  # fmt: skip
 )
-def test_weights_equal_the_predictive_likelihood(inject, linearise):
+def test_weights_equal_the_predictive_likelihood(inject, linearise, fd):
     """Optimal proposal of a linear window: the incremental weight is ``p(y | x_0)`` exactly
     (this fails for a wrong proposal density, a wrong Jacobian or a wrong flow length)."""
     A, H, obs, AL, QL, L, q = _setup()
@@ -63,7 +89,7 @@ def test_weights_equal_the_predictive_likelihood(inject, linearise):
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(64, 3, generator=g, dtype=F64)
     y = torch.tensor([0.3, -1.0], dtype=F64)
-    filt = LookaheadPF(q=q, inject=inject, iters=1, ess_threshold=0.0, linearise=linearise)
+    filt = LookaheadPF(q=q, inject=inject, iters=1, ess_threshold=0.0, linearise=linearise, fd=fd)
     ens, info = filt.window(PhysicalFlow(_LinearSim(A)), Ensemble(x0), y, obs, L, g)
     pred = torch.distributions.MultivariateNormal(
         x0 @ AL.T @ H.T, H @ QL @ H.T + 0.25 * torch.eye(2, dtype=F64)
@@ -153,7 +179,8 @@ def test_cubic_gauss_newton_proposal_concentrates_weights():
 
 def test_bad_options_raise():
     for kw in ({"q": 0.0}, {"q": 0.1, "inject": "middle"}, {"q": 0.1, "iters": -1},
-               {"q": 0.1, "inflation": 0.0}, {"q": 0.1, "scheme": "nope"}):  # fmt: skip
+               {"q": 0.1, "inflation": 0.0}, {"q": 0.1, "scheme": "nope"},
+               {"q": 0.1, "fd": "backward"}):  # fmt: skip
         with pytest.raises(InputError):
             LookaheadPF(**kw)
     with pytest.raises(InputError):
