@@ -106,6 +106,13 @@ def _within(est: torch.Tensor, exact: torch.Tensor, k: float | None = None) -> N
     [(2, Identity(), "gaussian"), (10, Subset(every=2), "gaussian"), (2, Identity(), "dps")],
 )
 def test_dpf_matches_kalman(d, operator, twist):
+    assert_matches_kalman(DiffusionParticleFilter(twist=twist), d, operator, gap=True)
+
+
+def assert_matches_kalman(filt, d: int, operator, gap: bool = False) -> None:
+    """``filt`` on the diffusion linear-Gaussian world, 3 cycles (``gap``: cycle 1 partly
+    unobserved), 24 runs x 400 particles: posterior mean and variance within MC error of
+    the Kalman filter at every cycle, the evidence unbiased in ``exp``."""
     A, b, Q = _model(d)
     world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
     # R = I keeps the ESS healthy, so the O(1/ESS) bias of self-normalised estimates
@@ -113,12 +120,12 @@ def test_dpf_matches_kalman(d, operator, twist):
     obs = Observation(operator, GaussianNoise(std=1.0))
     K = 3
     ys = _simulate(world, obs, d, K, seed=1)
-    ys[1, 0] = math.nan  # a partially observed cycle (NaN = unobserved)
+    if gap:
+        ys[1, 0] = math.nan  # a partially observed cycle (NaN = unobserved)
     H = operator.matrix((d,), dtype=F64)
     Ae, be, Qe = world.effective()
     m0, P0 = torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64)
     kf = kalman_filter(Ae, be, Qe, H, torch.eye(H.shape[0], dtype=F64), m0, P0, ys)
-    filt = DiffusionParticleFilter(twist=twist)
 
     def x0(n, g):
         return torch.randn(n, d, generator=g, dtype=F64)

@@ -26,7 +26,7 @@ from assim.obs import Arctan, Coarsen, GaussianNoise, Identity, Linear, Observat
 from assim.obs_noise import StudentTNoise
 from models.diffusion.kernel import GaussianKernel
 from models.worlds.diffusion_lg import DiffusionLinearGaussian
-from tests.assim.test_dpf import _model, _run, _simulate, _within
+from tests.assim.test_dpf import _model, _run, _simulate, _within, assert_matches_kalman
 
 F64 = torch.float64
 K_SE = 4.5
@@ -141,23 +141,7 @@ def test_global_dpf_with_moves_matches_kalman(d, operator):
     """The global dpf with exact moves at the last step: posterior mean and variance within
     MC error of the Kalman filter at every cycle, evidence unbiased in ``exp`` (the moves
     leave the weights unchanged). Same setup and tolerances as ``test_dpf_matches_kalman``."""
-    A, b, Q = _model(d)
-    world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
-    obs = Observation(operator, GaussianNoise(std=1.0))
-    ys = _simulate(world, obs, d, 3, seed=1)
-    H = operator.matrix((d,), dtype=F64)
-    Ae, be, Qe = world.effective()
-    m0, P0 = torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64)
-    kf = kalman_filter(Ae, be, Qe, H, torch.eye(H.shape[0], dtype=F64), m0, P0, ys)
-    filt = DiffusionParticleFilter(moves=3, move_beta=0.7)
-
-    def x0(n, g):
-        return torch.randn(n, d, generator=g, dtype=F64)
-
-    means, var, log_z = _run(world, filt, obs, ys, x0, R=24, N=400)
-    _within(means, kf.means)
-    _within(var, torch.diagonal(kf.covs, dim1=1, dim2=2))
-    _within(torch.exp(log_z - kf.log_z.sum()).unsqueeze(1), torch.ones(1, dtype=F64))
+    assert_matches_kalman(DiffusionParticleFilter(moves=3, move_beta=0.7), d, operator)
 
 
 def test_hybrid_with_infinite_radius_matches_kalman():
