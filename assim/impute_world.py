@@ -351,13 +351,14 @@ def impute_field(
         raise InputError(
             f"variable {name!r} has shape {tuple(da.shape)}; the world needs (time, *{shape})"
         )
-    t = np.asarray(da[da.dims[0]].values)
+    tname = "model_time" if "model_time" in da.coords else da.dims[0]  # assim simulate
+    t = np.asarray(da[tname].values)
     if t.size > 1 and np.issubdtype(t.dtype, np.number):
         dt = np.diff(t.astype(float))
         if not np.allclose(dt, float(world.dt), rtol=1e-3):
             raise InputError(
                 f"variable {name!r}: frames are {np.unique(dt.round(6))} apart in "
-                f"{da.dims[0]!r}; the world's step is {world.dt}"
+                f"{tname!r}; the world's step is {world.dt}"
             )
     vals = torch.as_tensor(np.asarray(da.values)).reshape(da.shape[0], -1)
     complete = torch.isfinite(vals).all(1)
