@@ -164,19 +164,10 @@ class SpecWorld(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Ensemble ``(members, n_steps, *S)`` of repeated :meth:`step` from ``x0``
-        ``(*S)`` (replicated) or ``(members, *S)``."""
-        if x0.dim() == len(self.state_shape):
-            x0 = x0.unsqueeze(0).expand(members, *x0.shape)
-        if x0.shape[0] != members:
-            raise ValueError(f"x0 has {x0.shape[0]} members, members={members}")
-        x = self.check(x0)
-        out = []
-        for _ in range(n_steps):
-            x = self.step(x, generator)
-            out.append(x)
-        if not out:
-            return x.new_empty((members, 0, *self.state_shape))
-        return torch.stack(out, 1)
+        ``(*S)`` (replicated) or ``(members, *S)``, in the world's dtype."""
+        from models.worlds.base import rollout
+
+        return rollout(self, x0.to(self.state_mean.dtype), n_steps, members, generator)
 
     def transition_sampler(self, cond: Tensor):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -195,16 +195,11 @@ class FunctionSpace(Conditional):
 
     @torch.no_grad()
     def forecast(self, x0, n_steps, members=1, generator=None) -> Tensor:
-        """Autoregressive ensemble ``(members, n_steps, *S)`` (repeated :meth:`step`)."""
-        if x0.dim() == len(self.state_shape):
-            x0 = x0.unsqueeze(0).expand(members, *x0.shape)
-        if x0.shape[0] != members:
-            raise ValueError(f"x0 has {x0.shape[0]} members, members={members}")
-        x, out = self._window(x0)[:, -1], []
-        for _ in range(n_steps):
-            x = self.step(x, generator)
-            out.append(x)
-        return torch.stack(out, 1) if out else x.new_empty((members, 0, *self.state_shape))
+        """Autoregressive ensemble ``(members, n_steps, *S)`` (repeated :meth:`step`), in
+        the world's dtype."""
+        from models.worlds.base import rollout
+
+        return rollout(self, x0.to(self.state_mean.dtype), n_steps, members, generator)
 
 
 class FunctionSpaceChain(ConditionalChain):
