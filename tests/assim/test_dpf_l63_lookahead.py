@@ -109,12 +109,9 @@ def _run(filt, A, obs, ys, L, n, seed):
     return torch.stack(means), logz
 
 
-@pytest.mark.parametrize(("iters", "inflation"), [(0, 1.0), (2, 1.0), (1, 2.0)])
-def test_posterior_mean_and_evidence_match_kalman(iters, inflation):
-    """Posterior means within 3.5 MC s.e. (R = 40 independent runs, se = std_r / sqrt(R),
-    Bonferroni over 4 cycles x 3 components at ~3.5 sigma for a t_39 quantile) and
-    ``E[Z_hat / Z] = 1`` within 3 se. ``iters = 0`` (bootstrap through the window) checks
-    the proposal density is not needed for consistency; ``iters = 2`` re-linearises."""
+def _linear_case():
+    """The linear-Gaussian window problem of :func:`_setup`, 4 observations and its exact
+    Kalman filter: ``(A, obs, L, q, ys, kf)``."""
     A, H, obs, AL, QL, L, q = _setup()
     g = torch.Generator().manual_seed(3)
     x, ys = torch.randn(3, generator=g, dtype=F64), []
@@ -125,6 +122,16 @@ def test_posterior_mean_and_evidence_match_kalman(iters, inflation):
     ys = torch.stack(ys)
     kf = kalman_filter(AL, None, QL, H, 0.25 * torch.eye(2, dtype=F64),
                        torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64), ys)  # fmt: skip
+    return A, obs, L, q, ys, kf
+
+
+@pytest.mark.parametrize(("iters", "inflation"), [(0, 1.0), (2, 1.0), (1, 2.0)])
+def test_posterior_mean_and_evidence_match_kalman(iters, inflation):
+    """Posterior means within 3.5 MC s.e. (R = 40 independent runs, se = std_r / sqrt(R),
+    Bonferroni over 4 cycles x 3 components at ~3.5 sigma for a t_39 quantile) and
+    ``E[Z_hat / Z] = 1`` within 3 se. ``iters = 0`` (bootstrap through the window) checks
+    the proposal density is not needed for consistency; ``iters = 2`` re-linearises."""
+    A, obs, L, q, ys, kf = _linear_case()
     filt = LookaheadPF(q=q, iters=iters, inflation=inflation)
     runs = [_run(filt, A, obs, ys, L, 200, s) for s in range(40)]
     means = torch.stack([r[0] for r in runs])
@@ -135,20 +142,8 @@ def test_posterior_mean_and_evidence_match_kalman(iters, inflation):
 
 
 def test_the_comparison_detects_a_wrong_model():
-    """The same check fails when the filter's q is wrong (0.8 instead of 0.4)."""
-    A, H, obs, AL, QL, L, q = _setup()
-    g = torch.Generator().manual_seed(3)
-    x, ys = torch.randn(3, generator=g, dtype=F64), []
-    chol = torch.linalg.cholesky(QL)
-    for _ in range(4):
-        x = AL @ x + chol @ torch.randn(3, generator=g, dtype=F64)
-        ys.append(H @ x + 0.5 * torch.randn(2, generator=g, dtype=F64))
-    r_mat, zero, eye = (
-        0.25 * torch.eye(2, dtype=F64),
-        torch.zeros(3, dtype=F64),
-        torch.eye(3, dtype=F64),
-    )
-    kf = kalman_filter(AL, None, QL, H, r_mat, zero, eye, torch.stack(ys))
+    """The same check fails when the filter's q is wrong (1.6 instead of 0.4)."""
+    A, obs, L, _, ys, kf = _linear_case()
     runs = [_run(LookaheadPF(q=1.6), A, obs, ys, L, 200, s) for s in range(40)]
     means = torch.stack([r[0] for r in runs])
     se = means.std(0) / math.sqrt(40)
