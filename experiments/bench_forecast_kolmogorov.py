@@ -292,27 +292,26 @@ def table(res: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     one = min(res["leads"], max(1, round(te / DT))) - 1
-    for name, tr in res["train"].items():
-        w = res["per_lead"][name]
-        br = all(x < y for x, y in zip(w["rmse"], p["rmse"], strict=True))
-        bc = all(x < y for x, y in zip(w["crps"], p["crps"], strict=True))
+
+    def verdict(w: dict, pers: dict, true: dict) -> str:
+        """Beats persistence (RMSE, CRPS) at every lead, CRPS ratio @1 T, spread/skill."""
+        br = all(x < y for x, y in zip(w["rmse"], pers["rmse"], strict=True))
+        bc = all(x < y for x, y in zip(w["crps"], pers["crps"], strict=True))
         ss = w["spread_skill"]
+        ratio = w["crps"][one] / true["crps"][one]
+        return f"{br} | {bc} | {ratio:.2f} | [{min(ss):.2f}, {max(ss):.2f}]"
+
+    for name, tr in res["train"].items():
         lines.append(
-            f"| {name} | {br} | {bc} | {w['crps'][one] / t['crps'][one]:.2f} "
-            f"| [{min(ss):.2f}, {max(ss):.2f}] | {tr['global_steps']} / {tr['train_seconds']} "
+            f"| {name} | {verdict(res['per_lead'][name], p, t)} "
+            f"| {tr['global_steps']} / {tr['train_seconds']} "
             f"| {res['seconds'].get(name, 0):.0f} |"
         )
     for n, per in res["grids"].items():
         fs = next(k for k in per if k.startswith("function_space"))
-        w, pp = per[fs], per["persistence"]
-        br = all(x < y for x, y in zip(w["rmse"], pp["rmse"], strict=True))
-        bc = all(x < y for x, y in zip(w["crps"], pp["crps"], strict=True))
-        ss = w["spread_skill"]
         lines.append(
-            f"| {fs} at {n}² | {br} | {bc} | "
-            f"{w['crps'][one] / per['true model']['crps'][one]:.2f} "
-            f"| [{min(ss):.2f}, {max(ss):.2f}] | (trained at {res['grid']}²) "
-            f"| {per['seconds']:.0f} |"
+            f"| {fs} at {n}² | {verdict(per[fs], per['persistence'], per['true model'])} "
+            f"| (trained at {res['grid']}²) | {per['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
