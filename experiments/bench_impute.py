@@ -51,6 +51,7 @@ from assim.impute import (  # noqa: E402
     season_index,
 )
 from assim.impute_prior import fit_residual, holdout_variance_ratio  # noqa: E402
+from assim.metrics import crps_ensemble  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("ostia_sst", "e1_north_america", "sst_anom")
@@ -148,14 +149,11 @@ def make_masks(valid: np.ndarray, n_test: int, kind: str, seed: int) -> np.ndarr
 
 # ----------------------------------------------------------------------------- metrics
 def fair_crps(members: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Fair ensemble CRPS per entry: ``members`` ``(K, n)``, ``y`` ``(n,)`` (Ferro 2014)."""
-    k = members.shape[0]
-    if k == 1:
+    """Fair ensemble CRPS per entry (:func:`assim.metrics.crps_ensemble`): ``members``
+    ``(K, n)``, ``y`` ``(n,)``; a single member (a point estimate) scores its MAE."""
+    if members.shape[0] == 1:
         return np.abs(members[0] - y)
-    xs = np.sort(members, 0)
-    i = np.arange(1, k + 1)[:, None]
-    spread = ((2 * i - k - 1) * xs).sum(0) * 2 / (k * (k - 1))
-    return np.abs(members - y).mean(0) - 0.5 * spread
+    return crps_ensemble(members, y).numpy()
 
 
 def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
