@@ -93,21 +93,37 @@ def variants(kinds, q: dict[str, list[float]], var_scale: list[float] | None):
     return out
 
 
-def choose(path: str | Path) -> tuple[dict[str, list[float]], list[float] | None, dict]:
+def _calibration_gap(per_lead: dict) -> float:
+    """Mean ``|log(spread/skill)|`` over the leads (0 for a calibrated ensemble)."""
+    ss = np.asarray(per_lead["spread_skill"], dtype=float)
+    return float(np.abs(np.log(np.clip(ss, 1e-6, None))).mean())
+
+
+def choose(path: str | Path) -> tuple[dict[str, list[float]], list[float] | None, dict, dict]:
     """Per kind, the variant of a validation run (its JSON) whose spread/skill is closest
-    to 1 (smallest mean ``|log(spread/skill)|`` over the leads): ``(q, var_scale, picks)``
-    for :func:`variants`, so a test run uses settings chosen on another truth."""
+    to 1 (smallest mean ``|log(spread/skill)|`` over the leads): ``(q, var_scale, picks,
+    fs_q)`` for :func:`variants`, so a test run uses settings chosen on another truth.
+    ``fs_q`` maps each regridded grid size of the validation run to the function-space
+    ``q`` chosen there: ``q`` is a pointwise noise level, and the forecast error of a
+    spectrally truncated field is not the same at every resolution, so it is chosen per
+    grid (on validation, like the rest)."""
     res = json.loads(Path(path).read_text())
     best: dict[str, tuple[float, dict]] = {}
     for name, st in res["settings"].items():
-        ss = np.asarray(res["per_lead"][name]["spread_skill"], dtype=float)
-        score = float(np.abs(np.log(np.clip(ss, 1e-6, None))).mean())
+        score = _calibration_gap(res["per_lead"][name])
         if st["kind"] not in best or score < best[st["kind"]][0]:
             best[st["kind"]] = (score, st)
     q = {k: [st["q"]] for k, (_, st) in best.items() if "q" in st}
     c = [best["dyffusion"][1]["c"]] if "c" in best.get("dyffusion", (0, {}))[1] else None
     picks = {k: {**st, "mean_abs_log_spread_skill": round(sc, 3)} for k, (sc, st) in best.items()}
-    return q, c, picks
+    fs_q = {}
+    for n, per in res.get("grids", {}).items():
+        sets = res.get("grid_settings", {}).get(str(n), {})
+        scored = [(_calibration_gap(per[nm]), st["q"]) for nm, st in sets.items() if nm in per]
+        if scored:
+            fs_q[int(n)] = min(scored)[1]
+            picks[f"function_space at {n}²"] = {"q": fs_q[int(n)]}
+    return q, c, picks, fs_q
 
 
 def setup(world, kind: str, setting: dict) -> None:
@@ -221,29 +237,35 @@ def run(a: argparse.Namespace) -> dict:
     pool = simulate(N, 102, 2, 40, str(dev)).reshape(-1, N, N)
     idx = torch.randint(0, pool.shape[0], (b * m,), generator=g)
     rows["climatology"] = _m(pool[idx][:, None].expand(-1, leads, -1, -1), fut, b, m)
-    grids = {}
+    grids, grid_settings = {}, {}
     fs = [(nm, st) for nm, k, st in runs if k == "function_space"]
-    if len(fs) == 1:  # regridded evaluation of the (single) function-space variant
-        setup(worlds["function_space"], "function_space", fs[0][1])
-        for n in a.fs_grids:
-            if n == N:
-                continue
+    for n in a.fs_grids if fs else []:  # regridded evaluation of the function-space world
+        if n == N:
+            continue
+        x0, tr = spectral_resize(flat, n), spectral_resize(fut, n)
+        grids[n] = {
+            "true model": _m(spectral_resize(tm, n), tr, b, m),
+            "persistence": _m(x0[:, None].expand(-1, leads, -1, -1), tr, b, m),
+            "seconds": 0.0,
+        }
+        fs_n = fs  # every validation variant, or the q chosen for this grid (--choose-from)
+        if n in getattr(a, "fs_q", {}):
+            fs_n = [(f"function_space q={a.fs_q[n]:g}", {"q": a.fs_q[n]})]
+        grid_settings[n] = {}
+        for nm, st in fs_n:
+            setup(worlds["function_space"], "function_space", st)
             wn = worlds["function_space"].regrid((n, n))
-            x0 = spectral_resize(flat, n)
-            tr = spectral_resize(fut, n)
             t0 = time.perf_counter()
             g2 = torch.Generator(dev).manual_seed(2)
             fc = wn.forecast(x0.to(dev), leads, members=x0.shape[0], generator=g2).cpu()
-            grids[n] = {
-                fs[0][0]: _m(fc, tr, b, m),
-                "true model": _m(spectral_resize(tm, n), tr, b, m),
-                "persistence": _m(x0[:, None].expand(-1, leads, -1, -1), tr, b, m),
-                "seconds": time.perf_counter() - t0,
-            }
+            grids[n][nm] = _m(fc, tr, b, m)
+            grids[n]["seconds"] += time.perf_counter() - t0
+            grid_settings[n][nm] = {"kind": "function_space", **st}
     conv = lambda r: {k: {q: np.asarray(v).tolist() for q, v in d.items()} for k, d in r.items()}  # noqa: E731
     return {
         "per_lead": conv(rows),
         "grids": {n: {"seconds": g_.pop("seconds"), **conv(g_)} for n, g_ in grids.items()},
+        "grid_settings": grid_settings,
         "seconds": secs,
         "leads": leads,
         "t_eddy": t_eddy,
@@ -308,11 +330,11 @@ def table(res: dict) -> str:
             f"| {res['seconds'].get(name, 0):.0f} |"
         )
     for n, per in res["grids"].items():
-        fs = next(k for k in per if k.startswith("function_space"))
-        lines.append(
-            f"| {fs} at {n}² | {verdict(per[fs], per['persistence'], per['true model'])} "
-            f"| (trained at {res['grid']}²) | {per['seconds']:.0f} |"
-        )
+        for fs in (k for k in per if k.startswith("function_space")):
+            lines.append(
+                f"| {fs} at {n}² | {verdict(per[fs], per['persistence'], per['true model'])} "
+                f"| (trained at {res['grid']}²) | {per['seconds']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -320,8 +342,8 @@ def plot(res: dict, path: Path) -> None:
     lead = np.arange(1, res["leads"] + 1) * DT / res["t_eddy"]
     series = dict(res["per_lead"])
     for n, per in res["grids"].items():
-        fs = next(k for k in per if k.startswith("function_space"))
-        series[f"{fs} {n}²"] = per[fs]
+        for fs in (k for k in per if k.startswith("function_space")):
+            series[f"{fs} {n}²"] = per[fs]
     styles = {name: {"ls": "--" if "²" in name else "-"} for name in series}
     plot_per_lead(lead, series, path, "lead (eddy turnover times)", styles, 2, legend_size=7)
 
@@ -372,9 +394,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--tag", default="")
     a = p.parse_args(argv)
     a.q = parse_q(a.q)
-    chosen = None
+    chosen, a.fs_q = None, {}
     if a.choose_from:
-        a.q, a.var_scale, chosen = choose(a.choose_from)
+        a.q, a.var_scale, chosen, a.fs_q = choose(a.choose_from)
         print(f"chosen on {Path(a.choose_from).name}: {chosen}", flush=True)
     if a.var_scale is not None and not all(c > 0 for c in a.var_scale):
         raise SystemExit("--var-scale: values must be > 0")

@@ -18,10 +18,11 @@ Datasets: ``ostia_sst``, ``e1_north_america``, ``sst_anom`` (BENCHMARKS.md E) an
 periodic square, :func:`load_kolmogorov`; Matérn kernels on the torus; frames one world
 step 0.2 apart).
 
-On the 32² Kolmogorov sets a dynamical method is added (unless ``--no-world``): the
+On the Kolmogorov sets a dynamical method is added (unless ``--no-world``): the
 stochastic ensemble Kalman smoother of :mod:`assim.impute_world` with the shipped learned
-world ``kolmogorov32`` over the whole test window (:class:`WorldImputer`: climatological
-initial members, static covariance of the world's one-step errors, taper radius,
+world of the grid (``kolmogorov32`` or ``kolmogorov64``; ``--device cuda`` runs it on a
+GPU) over the whole test window (:class:`WorldImputer`: climatological initial members,
+static covariance of the world's one-step errors, taper radius,
 additive factor and output spread factor tuned on the last ``--world-val`` fit frames
 with mask seed 1000, never on the test window or its seeds).
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -51,222 +51,22 @@ from assim.impute import (  # noqa: E402
     season_index,
 )
 from assim.impute_prior import fit_residual, holdout_variance_ratio  # noqa: E402
-from assim.metrics import crps_ensemble  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-DATASETS = ("ostia_sst", "e1_north_america", "sst_anom")
-
-
-# ----------------------------------------------------------------------------- data
-KOLMOGOROV = {"kolmogorov32": (32, 64), "kolmogorov64": (64, 64), "kolmogorov32n": (32, 32)}
-
-
-def load_kolmogorov(n: int, steps: int = 200, seed: int = 64, sim_n: int = 64):
-    """Vorticity ``(time, y, x)`` of one seeded Kolmogorov-flow run (the catalogue's
-    ``kolmogorov64`` physics: Re 1000, k_f 4, drag 0.1, snapshots every 0.2 time units
-    after 100 spin-up steps), simulated on ``sim_n``² (64²) and, for ``n = 32``, averaged
-    over 2 x 2 blocks (coarse observations of the resolved flow, as in SDA);
-    ``kolmogorov32n`` is simulated directly on 32² (``sim_n = 32``): the dynamics the
-    learned world ``kolmogorov32`` was trained on (training seeds 100/101, here 64).
-    Cached as netCDF in the data cache folder."""
-    import xarray as xr
-
-    from assim.datasets import resolve_cache_dir, simulate_dataset
-
-    tag = "" if sim_n == 64 else f"_sim{sim_n}"
-    path = resolve_cache_dir() / f"bench_kolmogorov{n}{tag}_s{seed}_t{steps}.nc"
-    if path.exists():
-        return xr.open_dataset(path)["vorticity"].load(), None
-    ds = simulate_dataset(
-        "kolmogorov", steps=steps, seed=seed, dt=0.2, spinup=100, substeps=20,
-        params=dict(n=sim_n, re=1000.0, k_f=4, drag=0.1, amplitude=1.0), dtype="float64",
-    )  # fmt: skip
-    da = ds["vorticity"]
-    if n != sim_n:
-        f = sim_n // n
-        da = da.coarsen(y=f, x=f).mean()
-        da = da.assign_coords(y=da["y"] - da["y"][0], x=da["x"] - da["x"][0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    da.to_dataset(name="vorticity").to_netcdf(tmp)
-    os.replace(tmp, path)
-    return da.load(), None
-
-
-def load(name: str):
-    """``(DataArray (time, lat, lon), valid (lat, lon))`` of a packaged data set, or
-    ``(time, y, x)`` vorticity for ``kolmogorov32``/``kolmogorov64``."""
-    if name in KOLMOGOROV:
-        n, sim_n = KOLMOGOROV[name]
-        return load_kolmogorov(n, sim_n=sim_n)
-    try:  # the project's catalogue (CF grid with a `mask` variable), when present
-        from assim.datasets import load as load_catalog
-
-        ds = load_catalog(name)
-        var = ds.attrs.get("assim_variable") or [v for v in ds.data_vars if ds[v].ndim == 3][0]
-        mask = ds["mask"].values.astype(bool) if "mask" in ds else None
-        return ds[var].load(), mask
-    except ImportError:
-        pass
-    import xarray as xr
-
-    if name == "sst_anom":
-        from eofs.examples import example_data_path
-
-        da = xr.open_dataset(example_data_path("sst_ndjfm_anom.nc"))["sst"]
-    else:
-        import iris_sample_data
-
-        fname, var = {
-            "ostia_sst": ("ostia_monthly.nc", "surface_temperature"),
-            "e1_north_america": ("E1_north_america.nc", "air_temperature"),
-        }[name]
-        da = xr.open_dataset(os.path.join(iris_sample_data.path, fname), use_cftime=True)[var]
-    return da.load(), None
-
-
-# ----------------------------------------------------------------------------- masks
-def make_masks(valid: np.ndarray, n_test: int, kind: str, seed: int) -> np.ndarray:
-    """Hidden entries ``(n_test, P)`` over the valid points (P in C order of ``valid``)."""
-    rng = np.random.default_rng(seed)
-    p = int(valid.sum())
-    if kind in ("30%", "70%"):
-        frac = 0.3 if kind == "30%" else 0.7
-        return rng.random((n_test, p)) < frac
-    nlat, nlon = valid.shape
-    blat, blon = max(1, round(nlat * 6**-0.5)), max(1, round(nlon * 6**-0.5))
-    for _ in range(100):
-        i0, j0 = rng.integers(0, nlat - blat + 1), rng.integers(0, nlon - blon + 1)
-        box = np.zeros_like(valid)
-        box[i0 : i0 + blat, j0 : j0 + blon] = True
-        if (box & valid).sum() >= 0.5 * box.sum():
-            break
-    k0 = rng.integers(0, n_test - 2)
-    hidden = np.zeros((n_test, p), bool)
-    hidden[k0 : k0 + 3] = box[valid][None]
-    return hidden
-
-
-# ----------------------------------------------------------------------------- metrics
-def fair_crps(members: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Fair ensemble CRPS per entry (:func:`assim.metrics.crps_ensemble`): ``members``
-    ``(K, n)``, ``y`` ``(n,)``; a single member (a point estimate) scores its MAE."""
-    if members.shape[0] == 1:
-        return np.abs(members[0] - y)
-    return crps_ensemble(members, y).numpy()
-
-
-def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
-    lo, hi = np.quantile(members, [0.05, 0.95], axis=0)
-    cov = np.mean((y >= lo) & (y <= hi)) if members.shape[0] > 1 else np.nan
-    return dict(
-        rmse=float(np.sqrt(np.mean((mean - y) ** 2))),
-        crps=float(fair_crps(members, y).mean()),
-        cov=float(cov),
-    )
-
+from experiments.impute_common import (  # noqa: E402,F401 (re-exported)
+    DATASETS,
+    KOLMOGOROV,
+    RESULTS,
+    fair_crps,
+    load,
+    make_masks,
+    scores,
+)
+from experiments.impute_world_column import WORLD, WORLD_GRID, WorldImputer  # noqa: E402
 
 # ----------------------------------------------------------------------------- methods
 OURS = "EOF+Matérn space-time (ours)"
 TWISTED = "twisted SMC (diffusion, Gaussian oracle prior)"
 SPATIAL = "EOF+Matérn spatial, exact (twisted's target)"
 REPLACE = "replacement inpainting (same diffusion prior; biased)"
-
-
-WORLD = "EnKS, learned world (ours, dynamical)"
-WORLD_GRID = "2:0.75,2:1.5,2:2.5,3:1.5"  # taper radius : additive factor alpha
-SPREAD_GRID = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 1.6, 1.8, 2.0, 2.25, 2.5)
-
-
-class WorldImputer:
-    """The dynamical smoother of :mod:`assim.impute_world` with the shipped learned world
-    ``kolmogorov32`` (diffusion ``steps``, model error ``q``): initial ensemble = ``k``
-    random frames of the fit period (climatology; no information about the test window),
-    static covariance ``B`` = stationary covariance of the world's one-step errors on the
-    fit period (:func:`assim.impute_world.forecast_error_cov`), Gaspari-Cohn taper, lag
-    ``lag``. The last ``n_val`` fit frames are held out for :meth:`tune` (neither the
-    pool of initial members nor ``B`` sees them), which picks the taper radius, the
-    additive factor and the output spread factor."""
-
-    def __init__(self, fit, shape, dt, k, lag, steps, q, n_val, log) -> None:
-        import models
-        from assim.impute_world import forecast_error_cov
-
-        self.world = models.load("kolmogorov32").configure(steps=steps, q=q)
-        if abs(float(dt) - self.world.dt) > 1e-6 or tuple(shape) != self.world.state_shape:
-            raise ValueError(
-                f"frames every {dt} on grid {shape}; the world steps {self.world.dt} on "
-                f"{self.world.state_shape}"
-            )
-        self.pool, self.val, self.shape = fit[:-n_val], fit[-n_val:], tuple(shape)
-        frames = torch.from_numpy(self.pool).reshape(-1, *shape)
-        t0 = time.time()
-        self.static = forecast_error_cov(self.world, frames, torch.Generator().manual_seed(9))
-        self.k, self.lag, self.config, self.radius = k, lag, None, None
-        log(
-            f"  world: dt {self.world.dt} diffusion steps {steps} q {q} lag {lag}; B: one-step "
-            f"error sd {float(torch.diagonal(self.static).mean()) ** 0.5:.3f} "
-            f"({time.time() - t0:.0f}s)"
-        )
-
-    def run(self, obs: np.ndarray, seed: int, config=None, radius=None):
-        """Samples ``(k, T, P)`` and mean ``(T, P)`` (numpy) of the NaN entries of ``obs``."""
-        from assim.impute_world import ensemble_smoother, torus_taper, world_step
-
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self.pool), generator=g)[: self.k]
-        x0 = torch.from_numpy(self.pool)[idx]
-        taper = torus_taper(self.shape, radius or self.radius)
-        smp, mean = ensemble_smoother(
-            world_step(self.world), x0, torch.from_numpy(obs), config or self.config,
-            self.static, taper, g,
-        )  # fmt: skip
-        smp, mean = smp.numpy(), mean.numpy()
-        hid = ~np.isfinite(obs)
-        smp[:, ~hid], mean[~hid] = obs[~hid], obs[~hid]  # observed entries bit for bit
-        return smp, mean
-
-    def tune(self, valid: np.ndarray, kinds: list[str], grid: str, log) -> None:
-        """Choose the taper radius, ``additive`` and output ``spread`` on the held-out fit
-        frames with mask seed 1000: for each radius/additive the ``spread`` whose 90 %
-        coverage, averaged over the mask kinds, is closest to 0.90 (the centre of the
-        target band, so that a shift between validation and test frames keeps it inside),
-        then the radius/additive with the lowest mean CRPS. ``spread`` is applied after the
-        run (it only rescales deviations from the mean), so each radius/additive runs
-        once."""
-        from assim.impute_world import SmootherConfig
-
-        res = []
-        for item in grid.split(","):
-            radius, add = (float(v) for v in item.split(":"))
-            cfg = SmootherConfig(additive=add, lag=self.lag)
-            runs = []
-            for kind in kinds:
-                hid = make_masks(valid, len(self.val), kind, 1000)
-                obs = self.val.copy()
-                obs[hid] = np.nan
-                smp, mean = self.run(obs, 1000, cfg, radius)
-                runs.append((smp[:, hid], mean[hid], self.val[hid]))
-            for c in SPREAD_GRID:
-                sc = [scores(mn + c * (sm - mn), mn, y) for sm, mn, y in runs]
-                crps, cov = [x["crps"] for x in sc], [x["cov"] for x in sc]
-                rmse = [x["rmse"] for x in sc]
-                res.append((radius, add, c, float(np.mean(crps)), cov))
-                log(
-                    f"  world tuning (held-out fit frames, mask seed 1000) radius {radius} "
-                    f"additive {add} spread {c}: crps {' '.join(f'{v:.4f}' for v in crps)} "
-                    f"rmse {' '.join(f'{v:.4f}' for v in rmse)} cov "
-                    f"{' '.join(f'{v:.3f}' for v in cov)}"
-                )
-        central = {}
-        for r in res:  # per (radius, additive): the spread closest to 0.90 mean coverage
-            key, gap = r[:2], abs(float(np.mean(r[4])) - 0.9)
-            if key not in central or gap < central[key][0]:
-                central[key] = (gap, r)
-        best = min((r for _, r in central.values()), key=lambda r: r[3])
-        self.radius = best[0]
-        self.config = SmootherConfig(additive=best[1], lag=self.lag, spread=best[2])
-        log(f"  world: chosen radius {self.radius} {self.config}")
 
 
 def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
@@ -287,6 +87,7 @@ def run_dataset(
     spatial: bool = True,
     linear: bool = True,
     world: dict | None = None,
+    field_prior: bool = True,
 ) -> list[dict]:
     da, mask = load(name)
     valid, lat, lon = field_points(da, mask)
@@ -305,12 +106,17 @@ def run_dataset(
     oi = fit_residual(z_fit, la, lo, geo, generator=gen)
     t_oi = time.time() - t0
     t0 = time.time()
-    prior = fit_field_prior(
-        torch.from_numpy(fit), g_fit, la, lo, n_groups, generator=gen, geometry=geo,
-        spread=spread,
-    )  # fmt: skip
+    prior = None
+    if field_prior:  # --no-prior skips it (its fit is the slow part on 64² grids)
+        prior = fit_field_prior(
+            torch.from_numpy(fit), g_fit, la, lo, n_groups, generator=gen, geometry=geo,
+            spread=spread,
+        )  # fmt: skip
+    else:
+        spatial = twisted = False
+        ablations = ()
     t_prior = time.time() - t0
-    priors = {OURS: prior}
+    priors = {OURS: prior} if prior is not None else {}
     for sp in ablations:  # the same prior with another spread model (same fit otherwise)
         priors[f"{OURS}, spread={sp}"] = dataclasses.replace(prior, spread=sp)
         priors[f"{OURS}, spread={sp}"]._cache, priors[f"{OURS}, spread={sp}"]._window = {}, None
@@ -323,12 +129,15 @@ def run_dataset(
     log(
         f"[{name}] T={t} fit={n_fit} P={vals.shape[1]} groups={n_groups} | OI length="
         f"{oi.length:.3g} ({'km' if geo == 'sphere' else 'rad'}) nugget={oi.nugget} "
-        f"scale={oi.scale:.2f} ({t_oi:.0f}s) | prior "
-        f"rank={prior.basis.shape[1]} rho={prior.rho.numpy().round(2)[:6]} length="
-        f"{prior.length:.3g} nugget={prior.nugget} scale={prior.scale:.2f} spread="
-        f"{prior.spread} var_factor={prior.var_factor:.2f} resid_rho={prior.resid_rho:.2f} "
-        f"({t_prior:.0f}s)"
+        f"scale={oi.scale:.2f} ({t_oi:.0f}s)"
     )
+    if prior is not None:
+        log(
+            f"  prior rank={prior.basis.shape[1]} rho={prior.rho.numpy().round(2)[:6]} length="
+            f"{prior.length:.3g} nugget={prior.nugget} scale={prior.scale:.2f} spread="
+            f"{prior.spread} var_factor={prior.var_factor:.2f} resid_rho={prior.resid_rho:.2f} "
+            f"({t_prior:.0f}s)"
+        )
     wimp = None
     if world is not None and name in KOLMOGOROV:
         tv = np.asarray(da[da.dims[0]].values)
@@ -337,7 +146,7 @@ def run_dataset(
         dt = float(np.median(np.diff(tv.astype(float))))
         wimp = WorldImputer(
             fit, valid.shape, dt, k, world["lag"], world["steps"], world["q"],
-            world["n_val"], log,
+            world["n_val"], log, world.get("device", "cpu"),
         )  # fmt: skip
         wimp.tune(valid, masks, world["grid"], log)
     rows, panel = [], None
@@ -416,7 +225,10 @@ def run_dataset(
                     f"  {name:17s} {kind:4s} seed={seed} {meth:30s} crps={sc['crps']:.4f} "
                     f"rmse={sc['rmse']:.4f} cov={sc['cov']:.3f} t={sc.get('time', 0):.1f}s"
                 )
-            if kind == "box" and seed == seeds[0]:
+            if kind == "box" and seed == seeds[0] and prior is None and wimp is not None:
+                j = int(np.argmax(hid.sum(1)))
+                panel = (valid, test[j], obs[j], mean_w[j], smp_w[:, j].std(0), smp_w[0, j])
+            elif kind == "box" and seed == seeds[0] and prior is not None:
                 j = int(np.argmax(hid.sum(1)))
                 panel = (
                     valid,
@@ -528,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         help="radius:additive settings (taper radius in grid units, additive factor of the "
         "static covariance) tried on the held-out fit frames",
     )
+    ap.add_argument("--device", default="cpu", help="device of the world column (cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: benchmarks)")
+    ap.add_argument(
+        "--no-prior",
+        action="store_true",
+        help="skip the EOF+Matérn prior and its rows (its fit is slow on 64² grids)",
+    )
     ap.add_argument("--world-lag", type=int, default=4, help="smoother lag (world steps)")
     ap.add_argument("--world-steps", type=int, default=3, help="diffusion steps per world step")
     ap.add_argument("--world-q", type=float, default=0.6, help="world model-error level q")
@@ -539,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         help="only merge these CSVs into bench_impute.md and exit",
     )
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
     dsets = ["sst_anom"] if args.quick else args.datasets
     k = 16 if args.quick else args.members
@@ -566,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         world = dict(
             lag=args.world_lag, steps=args.world_steps,
             q=args.world_q, n_val=args.world_val, grid=args.world_grid,
+            device=args.device,
         )  # fmt: skip
     log(f"command: python experiments/bench_impute.py {' '.join(argv or sys.argv[1:])}")
     rows = []
@@ -573,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_dataset(
             name, seeds, k, ["30%", "70%", "box"], log, not args.no_twisted,
             args.twisted_max_points, args.spread, tuple(args.ablations), not args.no_spatial,
-            not args.no_linear, world,
+            not args.no_linear, world, not args.no_prior,
         )  # fmt: skip
     import pandas as pd
 
