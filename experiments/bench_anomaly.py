@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from assim.anomaly import dte_scores, evidence_scores, imputation_scores  # noqa: E402
-from assim.anomaly_qc import calibrate_evidence  # noqa: E402
+from assim.anomaly_qc import SCAN, calibrate_evidence  # noqa: E402
 from assim.impute import field_points, fit_field_prior, grid_geometry, season_index  # noqa: E402
 from assim.impute_prior import fit_residual  # noqa: E402
 from experiments.bench_impute import DATASETS, RESULTS, load  # noqa: E402
@@ -97,7 +97,7 @@ def auprc_f1(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return ap, float(f1.max())
 
 
-def run_dataset(name, seeds, methods, log, qc=4.0, persist=3, calibrate=True):
+def run_dataset(name, seeds, methods, log, qc=4.0, persist=3, calibrate=True, scan=SCAN):
     da, mask = load(name)
     valid, lat, lon = field_points(da, mask)
     vals = np.asarray(da.values)[:, valid].astype(np.float64)
@@ -122,7 +122,9 @@ def run_dataset(name, seeds, methods, log, qc=4.0, persist=3, calibrate=True):
     scales = None
     if calibrate and "evidence" in methods:
         t0 = time.time()
-        scales = calibrate_evidence(prior, torch.from_numpy(vals[:n_fit]), g[:n_fit], valid, qc)
+        scales = calibrate_evidence(
+            prior, torch.from_numpy(vals[:n_fit]), g[:n_fit], valid, qc, scan
+        )
         log(f"[{name}] evidence calibration on the fit period ({time.time() - t0:.0f}s): {scales}")
     # test window with one fit step in front (the predecessor of the first test step)
     ctx = vals[n_fit - 1 :]
@@ -142,7 +144,7 @@ def run_dataset(name, seeds, methods, log, qc=4.0, persist=3, calibrate=True):
             for m in methods:
                 t1 = time.time()
                 if m == "evidence":
-                    sc[m] = evidence_scores(prior, x, g_ctx, valid, qc, persist, scales)[1:]
+                    sc[m] = evidence_scores(prior, x, g_ctx, valid, qc, persist, scales, scan)[1:]
                 elif m == "evidence0":  # without QC, persistence test and calibration
                     sc[m] = evidence_scores(prior, x, g_ctx, valid, None, 1)[1:]
                 elif m == "imputation":
@@ -231,6 +233,12 @@ def main(argv=None) -> int:
     ap.add_argument("--qc", type=float, default=4.0, help="evidence QC threshold (sd); 0 = off")
     ap.add_argument("--persist", type=int, default=3, help="evidence persistence window")
     ap.add_argument(
+        "--scan",
+        type=lambda v: tuple(int(r) for r in v.split(",")),
+        default=SCAN,
+        help=f"block radii of the persistence scan (default {','.join(map(str, SCAN))})",
+    )
+    ap.add_argument(
         "--no-calibrate", action="store_true", help="evidence without fit-period calibration"
     )
     ap.add_argument("--tag", default="", help="suffix of the output files")
@@ -266,7 +274,9 @@ def main(argv=None) -> int:
     rows = []
     for name in dsets:
         qc = args.qc if args.qc > 0 else None
-        rows += run_dataset(name, seeds, methods, log, qc, args.persist, not args.no_calibrate)
+        rows += run_dataset(
+            name, seeds, methods, log, qc, args.persist, not args.no_calibrate, args.scan
+        )
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(RESULTS / f"bench_anomaly{suffix}.csv", index=False)
