@@ -182,7 +182,7 @@ def run_dataset(
             # dynamical smoother with the learned world over the whole test window
             if wimp is not None:
                 tt = time.time()
-                smp_w, mean_w = wimp.run(obs, seed)
+                smp_w, mean_w = wimp.run(obs, seed, kind=kind)
                 res[WORLD] = scores(smp_w[:, hid], mean_w[hid], y)
                 res[WORLD]["time"] = time.time() - tt
             # Gaussian space-time prior (posterior over the test window in chunks of 12)
