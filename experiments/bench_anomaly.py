@@ -34,7 +34,7 @@ from assim.anomaly import dte_scores, evidence_scores, imputation_scores  # noqa
 from assim.anomaly_qc import SCAN, calibrate_evidence  # noqa: E402
 from assim.impute import field_points, fit_field_prior, grid_geometry, season_index  # noqa: E402
 from assim.impute_prior import fit_residual  # noqa: E402
-from experiments.bench_impute import DATASETS, RESULTS, load  # noqa: E402
+from experiments.impute_common import DATASETS, RESULTS, load, random_box  # noqa: E402
 
 TYPES = ("spike", "level shift", "drift", "frozen")
 
@@ -54,12 +54,7 @@ def inject(test: np.ndarray, std: np.ndarray, valid: np.ndarray, kind: str, seed
             blat, blon, steps = max(1, round(nlat * 0.1**0.5)), max(1, round(nlon * 0.1**0.5)), 3
         else:
             blat, blon, steps = 3, 3, 6
-        for _ in range(200):
-            i0, j0 = rng.integers(0, nlat - blat + 1), rng.integers(0, nlon - blon + 1)
-            box = np.zeros_like(valid)
-            box[i0 : i0 + blat, j0 : j0 + blon] = True
-            if (box & valid).sum() >= 0.6 * box.sum():
-                break
+        box = random_box(valid, blat, blon, rng, tries=200, min_valid=0.6)
         pts = box[valid]
         k0 = rng.integers(1, t - steps + 1)
         for j in range(steps):

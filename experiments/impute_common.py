@@ -81,6 +81,21 @@ def load(name: str):
 
 
 # ----------------------------------------------------------------------------- masks
+def random_box(
+    valid: np.ndarray, blat: int, blon: int, rng, tries: int = 100, min_valid: float = 0.5
+) -> np.ndarray:
+    """A ``blat x blon`` lat-lon box ``(lat, lon)`` at a random place where at least
+    ``min_valid`` of it is valid (the last try otherwise)."""
+    nlat, nlon = valid.shape
+    for _ in range(tries):
+        i0, j0 = rng.integers(0, nlat - blat + 1), rng.integers(0, nlon - blon + 1)
+        box = np.zeros_like(valid)
+        box[i0 : i0 + blat, j0 : j0 + blon] = True
+        if (box & valid).sum() >= min_valid * box.sum():
+            break
+    return box
+
+
 def make_masks(valid: np.ndarray, n_test: int, kind: str, seed: int) -> np.ndarray:
     """Hidden entries ``(n_test, P)`` over the valid points (P in C order of ``valid``)."""
     rng = np.random.default_rng(seed)
@@ -89,13 +104,7 @@ def make_masks(valid: np.ndarray, n_test: int, kind: str, seed: int) -> np.ndarr
         frac = 0.3 if kind == "30%" else 0.7
         return rng.random((n_test, p)) < frac
     nlat, nlon = valid.shape
-    blat, blon = max(1, round(nlat * 6**-0.5)), max(1, round(nlon * 6**-0.5))
-    for _ in range(100):
-        i0, j0 = rng.integers(0, nlat - blat + 1), rng.integers(0, nlon - blon + 1)
-        box = np.zeros_like(valid)
-        box[i0 : i0 + blat, j0 : j0 + blon] = True
-        if (box & valid).sum() >= 0.5 * box.sum():
-            break
+    box = random_box(valid, max(1, round(nlat * 6**-0.5)), max(1, round(nlon * 6**-0.5)), rng)
     k0 = rng.integers(0, n_test - 2)
     hidden = np.zeros((n_test, p), bool)
     hidden[k0 : k0 + 3] = box[valid][None]
