@@ -32,7 +32,11 @@ analysis cycles/s (1 thread).
 Options beyond the defaults: ``--adapt-q RHO --q-range LO HI`` (dpf/ldpf: model-error
 level adapted from the innovations, :class:`~assim.filters.dpf.DiffusionParticleFilter`
 ``adapt_q``; the table shows the median mean ``q`` used), ``--sampler ddim --eta 0``
-(deterministic learned step), ``--etkf-rtps``.
+(deterministic learned step), ``--etkf-rtps``, ``--hybrid G`` (ldpf: hybrid
+particle/LETKF update), ``--spread-factor B`` (ldpf: analysis anomalies times ``B`` in
+``(0, 1]``, a calibration knob for an over-dispersed filter). Each json row also holds
+``spread_skill_ms`` = ``sqrt((1 + 1/N) mean spread^2 / mean err^2)``, the second-moment
+form of the ratio (diagnostic; the tables show DAPPER's ratio of time means).
 
 ``python experiments/bench_dpf.py --quick`` (< 60 s) ;
 ``python experiments/bench_dpf.py --cycles 2000 --seeds 0 1 2 --jobs 1`` (long; run it
@@ -177,6 +181,7 @@ def make_method(name: str, n: int, args):
                         reuse_denoised=None if reuse is None else bool(reuse),
                         hybrid=getattr(args, "hybrid", 0.0) or None,
                         hybrid_radius=getattr(args, "hybrid_radius", None), **adapt)  # fmt: skip
+        filt.spread_factor = getattr(args, "spread_factor", 1.0)  # not a make_dpf option
         return filt, "diff"
     if name.startswith("pf"):
         return BootstrapPF(), "diff"
@@ -254,6 +259,12 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     e = torch.tensor([err[k] for k in keep])
     rmse_a = float(e.mean()) if len(e) else math.nan
     sp = float(torch.tensor([spread[k] for k in keep]).mean()) if len(e) else math.nan
+    # second-moment ratio sqrt(mean spread^2 (N + 1) / N / mean err^2): the calibration
+    # identity E[err^2] = (1 + 1/N) E[spread^2] of an exchangeable ensemble (diagnostic only)
+    ms_ratio = math.nan
+    if len(e):
+        s2 = torch.tensor([spread[k] ** 2 for k in keep]).mean() * (n + 1) / n
+        ms_ratio = float((s2 / (e**2).mean()).sqrt())
     p = math.nan
     if ranks_e:
         p = float(rank_histogram(torch.stack(ranks_e, 1), torch.stack(ranks_y)).pvalue)
@@ -267,7 +278,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         world=args.world if kind == "diff" else "true", steps=args.steps, q=q,
         q_mean=_nanmean(qs), q_last=qs[-1] if qs else math.nan,
         move_accept=_nanmean(accs), hybrid=getattr(args, "hybrid", 0.0),
-        moves=getattr(args, "moves", 0), argv=" ".join(sys.argv[1:]),
+        moves=getattr(args, "moves", 0), spread_factor=getattr(args, "spread_factor", 1.0),
+        spread_skill_ms=ms_ratio, argv=" ".join(sys.argv[1:]),
         rmse_series=err[:: max(1, len(err) // 200)],
     )  # fmt: skip
 
@@ -371,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hybrid", type=float, default=0.0,
                    help="ldpf: share gamma of the likelihood given to an LETKF step")  # fmt: skip
     p.add_argument("--hybrid-radius", type=float, default=None, help="ldpf hybrid LETKF radius")
+    p.add_argument("--spread-factor", type=float, default=1.0,
+                   help="ldpf: analysis anomalies times this factor, (0, 1]")  # fmt: skip
     p.add_argument("--letkf-radius", type=float, default=3.0)
     p.add_argument("--letkf-infl", type=float, default=1.05)
     p.add_argument("--etkf-infl", type=float, default=1.02)

@@ -33,6 +33,18 @@ Chustagulprom, Reich & Reinhardt (2016, SIAM/ASA JUQ 4); the Kalman part is exac
 for a Gaussian forecast, so the hybrid is an approximation (like the local filter
 itself); ``gamma = 0`` is the plain local filter, bit for bit.
 
+**Analysis spread factor** (``spread_factor = beta`` in ``(0, 1]``): after every analysis
+(after the local resampling, the moves and the hybrid step) the anomalies are scaled,
+``x_n <- xbar + beta (x_n - xbar)`` (``xbar`` the ensemble mean), so the mean is unchanged
+and every variance is multiplied by ``beta^2``. This is multiplicative inflation of the
+*analysis* ensemble (Anderson & Anderson 1999, MWR 127; the RTPS of Whitaker & Hamill 2012,
+MWR 140, scales analysis anomalies the same way, by a factor ``> 1``) used with a factor
+``< 1`` ("deflation"), a calibration knob for an over-dispersed filter; ``beta = 1`` is off
+(bit for bit the old path). It is applied on analysis cycles only (not after a weight
+collapse). With ``adapt_q`` the innovations see the smaller forecast spread and raise
+``q``: on Lorenz-96 arctan it calibrated the spread but cost accuracy (pilots in
+``experiments/results/bench_dpf_l96-arctan_b_pilots.md``).
+
 This filter is **not** consistent: stitching particles breaks the path measure, and the
 reported ``log_z`` (from untapered weights, reset at each local resampling) is only an
 approximation. With ``radius = inf`` every taper is 1, all grid points share the global
@@ -58,7 +70,7 @@ from assim.rng import rand
 from assim.smc import ess, local_systematic, normalize, reweight
 from models.diffusion.kernel import GaussianKernel
 
-__all__ = ["LocalDiffusionParticleFilter"]
+__all__ = ["LocalDiffusionParticleFilter", "scale_anomalies"]
 
 
 _DENSE_TAPER = 1 << 20  # a dense (m, d) taper matrix up to this many entries
@@ -103,6 +115,8 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         hybrid: ``gamma`` in ``[0, 1)``, the share of the likelihood assimilated by the LETKF
             after the particle step (module doc); ``0``: off.
         hybrid_radius: the LETKF's localisation radius (default: ``radius``).
+        spread_factor: ``beta`` in ``(0, 1]``, analysis anomalies times ``beta`` (module
+            doc); ``1``: off.
         Other arguments as :class:`DiffusionParticleFilter` (``moves``: the exact pCN moves
         run *after* the local resampling, on each stitched particle's stitched final
         kernel); ``ess_threshold`` is unused
@@ -121,9 +135,11 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         reuse_denoised: bool = False,
         hybrid: float = 0.0,
         hybrid_radius: float | None = None,
+        spread_factor: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.spread_factor = spread_factor
         if not 0.0 <= float(hybrid) < 1.0:
             raise InputError(f"hybrid must lie in [0, 1), got {hybrid!r}")
         self.hybrid = float(hybrid)
@@ -139,8 +155,20 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         self.dense_taper = True  # False: gather path of _Taper (same numbers; for tests)
         self.reuse_denoised = bool(reuse_denoised)
 
+    @property
+    def spread_factor(self) -> float:
+        """``beta`` in ``(0, 1]``: analysis anomalies are multiplied by it (1: off)."""
+        return self._spread_factor
+
+    @spread_factor.setter
+    def spread_factor(self, beta: float) -> None:
+        if not 0.0 < float(beta) <= 1.0:  # also rejects NaN
+            raise InputError(f"spread_factor must lie in (0, 1], got {beta!r}")
+        self._spread_factor = float(beta)
+
     def __repr__(self) -> str:
         extra = f", hybrid={self.hybrid}" if self.hybrid else ""
+        extra += f", spread_factor={self.spread_factor}" if self.spread_factor != 1.0 else ""
         return super().__repr__()[:-1] + f", radius={self.radius}{extra})"
 
     def _make_space(self, obs: Any, state_shape, dtype, device) -> Any:
@@ -209,7 +237,8 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
         generator: torch.Generator | None = None,
     ) -> tuple[Ensemble, dict[str, Any]]:
         """Guided chain with local weights, then local resampling (equal weights out),
-        then the optional exact moves and the optional hybrid LETKF step."""
+        then the optional exact moves, the optional hybrid LETKF step and the optional
+        analysis spread factor."""
         obs_pf, obs_kf = self._split_obs(obs) if self.hybrid > 0 else (obs, None)
         x, log_w, info = self.propagate(world, ensemble, y, obs_pf, generator)
         n = x.shape[0]
@@ -235,6 +264,9 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             ens, kinfo = self._kalman.analysis(ens, y, obs_kf, generator)
             info["log_z"] += kinfo["log_z"]  # Gaussian approximation of the Kalman part
             info["hybrid"] = self.hybrid
+        if self.spread_factor != 1.0 and not info.get("collapsed"):
+            ens = scale_anomalies(ens, self.spread_factor)
+            info["spread_factor"] = self.spread_factor
         return ens, info
 
     def _split_obs(self, obs: Any) -> tuple[Any, Any]:
@@ -258,3 +290,11 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             while len(self._split) > 8:
                 self._split.pop(next(iter(self._split)))
         return hit[1], hit[2]
+
+
+def scale_anomalies(ens: Ensemble, beta: float) -> Ensemble:
+    """``xbar + beta (x - xbar)`` for particles ``x`` ``(N, *S)`` with the weighted mean
+    ``xbar`` ``(*S)``; the weights are kept (weighted mean unchanged, weighted variances
+    times ``beta^2``)."""
+    m = ens.mean()
+    return Ensemble(m + beta * (ens.x - m), ens.log_w)
