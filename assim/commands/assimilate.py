@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hybrid", type=float, default=None, help="local dpf: likelihood share of an LETKF step"
     )
+    parser.add_argument(
+        "--spread-factor",
+        type=float,
+        default=None,
+        help="local dpf: analysis anomalies times this factor in (0, 1] (1: off)",
+    )
     parser.add_argument("--threshold", type=float, default=None, help="pf: resample if ESS<t*N")
     parser.add_argument("--resample", default=None, help="pf: systematic|stratified|residual|...")
     parser.add_argument("--jitter", type=float, default=None, help="pf: regularisation scale")
@@ -119,7 +125,7 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
         opts.update({k: v for k, v in cfg.items() if not isinstance(v, dict)})
         opts.update(cfg.get(args.method, {}))
     keys = ("inflation", "rtps", "radius", "threshold", "resample", "jitter", "reg", "twist",
-            "adapt_q", "reuse_denoised", "moves", "hybrid")  # fmt: skip
+            "adapt_q", "reuse_denoised", "moves", "hybrid", "spread_factor")  # fmt: skip
     for key in keys:
         if getattr(args, key) is not None:
             opts[key] = getattr(args, key)

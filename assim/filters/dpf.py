@@ -352,9 +352,9 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
     learned :class:`~models.worlds.conditional.Conditional` world); the other options go
     to :class:`DiffusionParticleFilter` (``twist``, ``ess_threshold`` -- alias
     ``threshold`` --, ``inner_threshold``, ``scheme`` -- alias ``resample`` --,
-    ``dps_scale``, ``adapt_q``, ``q_range``, ``moves``, ``move_beta``); ``hybrid`` and
-    ``hybrid_radius`` exist for the localised filter only. ``None`` values are ignored;
-    unknown options raise :class:`InputError`.
+    ``dps_scale``, ``adapt_q``, ``q_range``, ``moves``, ``move_beta``); ``hybrid``,
+    ``hybrid_radius`` and ``spread_factor`` exist for the localised filter only. ``None``
+    values are ignored; unknown options raise :class:`InputError`.
     """
     opts = {k: v for k, v in options.items() if v is not None}
     for alias, name in (("threshold", "ess_threshold"), ("resample", "scheme")):
@@ -362,7 +362,8 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
             opts[name] = opts.pop(alias)
     allowed = {"twist", "ess_threshold", "inner_threshold", "scheme", "dps_scale", "radius",
                "periodic", "cutoff", "reuse_denoised", "steps", "q", "adapt_q",
-               "q_range", "moves", "move_beta", "hybrid", "hybrid_radius"}  # fmt: skip
+               "q_range", "moves", "move_beta", "hybrid", "hybrid_radius",
+               "spread_factor"}  # fmt: skip
     bad = sorted(set(opts) - allowed)
     if bad:
         raise InputError(f"method dpf does not take option(s) {bad}; allowed {sorted(allowed)}")
@@ -379,11 +380,18 @@ def make_dpf(world: Any = None, **options: Any) -> Filter:
         from assim.filters.dpf_local import LocalDiffusionParticleFilter
 
         return LocalDiffusionParticleFilter(radius=float(radius), **opts)
-    if opts.get("hybrid"):
+    if opts.get("hybrid") or opts.get("spread_factor", 1.0) != 1.0:
         raise InputError(
-            "hybrid (ensemble-Kalman/particle split) needs the localised dpf (a finite "
-            "radius): it is an approximation, the global dpf stays exact"
+            "hybrid (ensemble-Kalman/particle split) and spread_factor need the localised "
+            "dpf (a finite radius): they are approximations, the global dpf stays exact"
         )
-    for name in ("periodic", "cutoff", "reuse_denoised", "hybrid", "hybrid_radius"):
+    for name in (
+        "periodic",
+        "cutoff",
+        "reuse_denoised",
+        "hybrid",
+        "hybrid_radius",
+        "spread_factor",
+    ):
         opts.pop(name, None)
     return DiffusionParticleFilter(**opts)

@@ -99,3 +99,12 @@ def test_bad_spread_factor_raises(beta):
     filt = LocalDiffusionParticleFilter(radius=2.0)
     with pytest.raises(InputError, match="spread_factor"):
         filt.spread_factor = beta
+
+
+def test_make_dpf_routes_spread_factor():
+    filt = make_dpf(None, radius=2.0, spread_factor=0.9)
+    assert filt.spread_factor == 0.9
+    assert make_dpf(None, radius=2.0).spread_factor == 1.0
+    with pytest.raises(InputError, match="localised"):
+        make_dpf(None, spread_factor=0.9)  # the global dpf stays exact
+    assert make_dpf(None, spread_factor=1.0).__class__.__name__ == "DiffusionParticleFilter"
