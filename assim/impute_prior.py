@@ -15,7 +15,9 @@ from torch import Tensor
 
 from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology, matern
 from assim.errors import InputError
-from assim.rng import rand
+from assim.impute_clim import harmonic_climatology
+from assim.impute_hetero import loo_lag_corr, residual_sd
+from assim.impute_holdout import holdout_errors, holdout_variance_ratio
 from assim.smoother import GaussianWindowPrior
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "TorusMatern",
     "fit_field_prior",
     "fit_residual",
+    "holdout_errors",
     "holdout_variance_ratio",
     "select_rank",
 ]
@@ -33,7 +36,12 @@ class FieldPrior:
     """Climatology + space-time Gaussian prior of standardised anomalies on ``P`` points.
 
     ``clim_mean`` ``(G, P)`` per season index, ``clim_std`` ``(P,)``; ``basis`` ``(P, r)``,
-    ``lam``/``rho`` ``(r,)``; the residual is ``MaternOI(lat, lon, length, nugget, scale, nu)``.
+    ``lam``/``rho`` ``(r,)``; the residual is ``MaternOI(lat, lon, length, nugget, scale, nu)``,
+    times ``diag(resid_sd) . diag(resid_sd)`` when per-point standard deviations
+    ``resid_sd`` ``(P,)`` are given (non-stationary residual, :mod:`assim.impute_hetero`).
+    ``spread_sd`` ``(P,)``, when given, multiplies the posterior deviations from the mean
+    per point (:meth:`posterior`; fitted by held-out imputation, :func:`fit_field_prior`
+    step 8).
     """
 
     lat: Tensor
@@ -51,6 +59,8 @@ class FieldPrior:
     spread: str = "fixed"
     geometry: str = "sphere"
     resid_rho: float = 0.0
+    resid_sd: Tensor | None = None
+    spread_sd: Tensor | None = None
     _window: GaussianWindowPrior | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -77,10 +87,26 @@ class FieldPrior:
         ``"fixed"`` (exact Gaussian posterior) or ``"window"`` (variance scale learnt
         from the window's observations,
         :meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`), deviations times
-        ``sqrt(var_factor)`` (fitted on held-out fit-period fields)."""
+        ``sqrt(var_factor)`` (fitted on held-out fit-period fields) and, when given, by
+        the per-point factors ``spread_sd`` ``(P,)``."""
         if self.spread == "fixed" and self.var_factor == 1.0:
-            return self.window.posterior(z, n, generator)
-        return self.window.posterior_scaled(z, n, generator, self.spread, 1.0, self.var_factor)
+            smp, mean = self.window.posterior(z, n, generator)
+        else:
+            smp, mean = self.window.posterior_scaled(
+                z, n, generator, self.spread, 1.0, self.var_factor
+            )
+        if self.spread_sd is not None:  # per-point spread factor (the mean is unchanged)
+            smp = mean + (smp - mean) * self.spread_sd.to(smp)
+        return smp, mean
+
+    def resid_cov(self) -> Tensor:
+        """Residual covariance ``(P, P)``: the Matérn one, scaled by ``resid_sd`` on both
+        sides when given."""
+        cov = self.residual.cov()
+        if self.resid_sd is not None:
+            sd = self.resid_sd.to(cov)
+            cov = sd[:, None] * cov * sd[None, :]
+        return cov
 
     @property
     def window(self) -> GaussianWindowPrior:
@@ -90,7 +116,7 @@ class FieldPrior:
                 self.basis.double(),
                 self.lam.double(),
                 self.rho.double(),
-                self.residual.cov(),
+                self.resid_cov(),
                 float(self.resid_rho),
             )
         return self._window
@@ -108,6 +134,9 @@ class FieldPrior:
         out.update(length=self.length, nugget=self.nugget, scale=self.scale, nu=self.nu)
         out.update(var_factor=self.var_factor, spread=self.spread, geometry=self.geometry)
         out["resid_rho"] = self.resid_rho
+        for key in ("resid_sd", "spread_sd"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key).float()
         out["kind"] = "gaussian_field_prior"
         return out
 
@@ -128,6 +157,8 @@ class FieldPrior:
             spread=str(sd.get("spread", "fixed")),
             geometry=str(sd.get("geometry", "sphere")),
             resid_rho=float(sd.get("resid_rho", 0.0)),
+            resid_sd=sd["resid_sd"].double() if "resid_sd" in sd else None,
+            spread_sd=sd["spread_sd"].double() if "spread_sd" in sd else None,
         )
 
 
@@ -175,6 +206,14 @@ def fit_residual(
             if lpd > best_score:
                 best, best_score = (length, nug, sc), lpd
     return TorusMatern(lat.double(), lon.double(), *best)
+
+
+def _smoother(oi: MaternOI, bandwidth: float) -> Tensor:
+    """Weights ``(P, P)`` of :func:`~assim.impute_hetero.smooth_log`: the residual's
+    kernel (same geometry, Matérn 3/2, no nugget) with length ``bandwidth``, cut below
+    0.01."""
+    w = type(oi)(oi.lat, oi.lon, bandwidth, 0.0, 1.0, 1.5).cov()
+    return w * (w > 0.01)
 
 
 def _ppca_val_loglik(u: Tensor, lam: Tensor, d: Tensor, z: Tensor) -> float:
@@ -225,11 +264,17 @@ def fit_field_prior(
     calibrate: bool = True,
     spread: str = "local",
     geometry: str = "sphere",
-    temporal_residual: bool | None = None,
+    temporal_residual: bool | float | str | None = None,
+    hetero: bool = False,
+    seasonal: int | None = None,
+    spread_hetero: bool = False,
 ) -> FieldPrior:
     """Fit the default prior on fit-period fields ``values`` ``(T, P)`` (NaN allowed).
 
-    1. climatology per season index and pooled anomaly std (``grouped_climatology``);
+    1. climatology per season index and pooled anomaly std (``grouped_climatology``;
+       with ``seasonal = H`` and several season groups, an ``H``-harmonic annual cycle,
+       :func:`~assim.impute_clim.harmonic_climatology`, fewer coefficients for short
+       records);
     2. EOFs of the standardised anomalies (rank by :func:`select_rank` unless given),
        eigenvalues ``lam_i = s_i^2 / T`` and AR(1) coefficients = lag-1 autocorrelation of
        the principal components (clamped to ``[0, 0.98]``);
@@ -253,12 +298,30 @@ def fit_field_prior(
        residual; ``None`` (auto) keeps it when ``rho_e >= 0.3`` (e.g. turbulence sampled
        faster than it decorrelates), else the residual is white in time. It makes the
        posterior dense in the window (:meth:`GaussianWindowPrior._dense_posterior`).
+       A number sets ``rho_e`` itself; ``"loo"`` takes the lag-1 correlation of the
+       residual's leave-one-out residuals (:func:`~assim.impute_hetero.loo_lag_corr`:
+       the persistence of what the neighbours at the same step cannot explain).
+    7. ``hetero``: per-point residual standard deviations ``s`` (residual covariance
+       ``scale diag(s) C diag(s)``, ``C`` the step-3 Matérn correlation;
+       :func:`~assim.impute_hetero.residual_sd`): the smoothed per-point leave-one-out
+       variance ratio under ``C``, bandwidth (1/6, 1/3, 2/3 or 4/3 of the Matérn
+       length) or the stationary residual chosen by held-out LOO log density (first
+       75 % / last 25 % of the fit fields), then ``scale`` by LOO on all fit fields
+       (before step 3's inflation). ``False`` keeps the stationary residual.
+    8. ``spread_hetero`` (with ``calibrate``): a per-point spread factor
+       (``FieldPrior.spread_sd``) from the held-out imputation of step 4 with the final
+       spread model (:func:`holdout_errors`): ``sqrt(W err2 / W var)`` with ``W`` the
+       residual's Matérn 3/2 kernel at its own length (a local average of the
+       calibration ratio), clamped to ``[0.5, 2]``; the mean is unchanged.
        All calibration uses the fit fields only, never the fields being imputed.
     """
     if spread not in ("fixed", "window", "local"):
         raise InputError(f"spread must be 'fixed', 'window' or 'local', got {spread!r}")
     values = values.double()
-    mean, std = grouped_climatology(values, groups, n_groups)
+    if seasonal is not None and (n_groups or int(groups.max()) + 1) > 1:
+        mean, std = harmonic_climatology(values, groups, n_groups or 12, int(seasonal))
+    else:
+        mean, std = grouped_climatology(values, groups, n_groups)
     z = ((values - mean[groups.long()]) / std).nan_to_num(0.0)
     t = z.shape[0]
     if t < 4:
@@ -278,7 +341,21 @@ def fit_field_prior(
     rho_e = float(((ra * rb).sum() / (ra * ra).sum().clamp_min(1e-12)).clamp(0.0, 0.98))
     if temporal_residual is None:
         temporal_residual = rho_e >= 0.3
+    elif temporal_residual == "loo":
+        rho_e, temporal_residual = -1.0, True  # set below, once the residual kernel is known
+    elif not isinstance(temporal_residual, bool):
+        rho_e = float(temporal_residual)
+        if not 0.0 <= rho_e < 1.0:
+            raise InputError(f"temporal_residual must be a bool or in [0, 1), got {rho_e}")
+        temporal_residual = rho_e > 0
     oi = fit_residual(resid, lat, lon, geometry, generator)
+    base_scale, sd = oi.scale, None
+    if hetero:  # bandwidths: fractions of the residual's length scale
+        fracs = (1 / 6, 1 / 3, 2 / 3, 4 / 3)
+        smoothers = [lambda b=f * oi.length: _smoother(oi, b) for f in fracs]
+        sd, base_scale, _ = residual_sd(resid, oi.cov() / oi.scale, smoothers, int(0.75 * t))
+    if rho_e < 0:  # "loo": lag-1 correlation of the residual's LOO residuals
+        rho_e = loo_lag_corr(resid, oi.cov() / oi.scale, sd)
     # held-out inflation of the residual variance
     n_tr = max(2, int(0.75 * t))
     if r and t - n_tr >= 1:
@@ -299,10 +376,11 @@ def fit_field_prior(
         rho,
         oi.length,
         oi.nugget,
-        oi.scale * infl,
+        base_scale * infl,
         oi.nu,
         geometry=geometry,
         resid_rho=rho_e if temporal_residual else 0.0,
+        resid_sd=sd,
     )
     if calibrate and t - n_tr >= 1:
         c = holdout_variance_ratio(prior, z, n_tr, generator)
@@ -311,43 +389,8 @@ def fit_field_prior(
         if spread == "window":
             prior.var_factor = holdout_variance_ratio(prior, z, n_tr, generator, spread)
     prior.spread = spread
+    if spread_hetero and calibrate and t - n_tr >= 1:
+        err2, var = holdout_errors(prior, z, n_tr, generator, spread)
+        w = _smoother(oi, oi.length)
+        prior.spread_sd = ((w @ err2) / (w @ var).clamp_min(1e-300)).clamp(0.25, 4.0).sqrt()
     return prior
-
-
-def holdout_variance_ratio(
-    prior: FieldPrior,
-    z: Tensor,
-    n_tr: int,
-    generator: torch.Generator | None = None,
-    spread: str = "fixed",
-) -> float:
-    """Global variance factor ``c = mean(err^2) / mean(posterior var)`` of imputing 30 %
-    of the points at random and a contiguous band of a sixth of them in the held-out
-    fields ``z[n_tr:]`` with EOFs refitted on ``z[:n_tr]``
-    (same residual). Scaling the whole prior covariance by ``c`` leaves the posterior
-    mean of exactly observed data unchanged and calibrates its spread; clamped to
-    ``[0.5, 4]``. ``spread``: the posterior spread model the factor is fitted for
-    (:meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`)."""
-    r = prior.basis.shape[1]
-    _, s, vh = torch.linalg.svd(z[:n_tr], full_matrices=False)
-    sub = GaussianWindowPrior(
-        vh[:r].T.contiguous(),
-        (s[:r] ** 2 / n_tr).clamp_min(1e-8),
-        prior.rho,
-        prior.window.resid_cov,
-        prior.resid_rho,
-    )
-    val = z[n_tr:].clone()
-    hid = rand(val.shape, generator, device=val.device, dtype=val.dtype) < 0.3
-    p = val.shape[1]  # plus a contiguous run of a sixth of the points (a band of rows)
-    j0 = int(torch.randint(0, max(1, p - p // 6), (1,), generator=generator))
-    hid[:, j0 : j0 + p // 6] = True
-    masked = val.masked_fill(hid, float("nan"))
-    step = max(1, 6144 // p) if sub.resid_rho else val.shape[0]  # dense posterior: cap T P
-    err2, var = 0.0, 0.0
-    for k0 in range(0, val.shape[0], step):
-        sl = slice(k0, k0 + step)
-        smp, mean = sub.posterior_scaled(masked[sl], 32, generator, spread)
-        err2 = err2 + ((mean - val[sl])[hid[sl]] ** 2).sum()
-        var = var + smp.var(0)[hid[sl]].sum()
-    return float((err2 / var).clamp(0.5, 4.0))

@@ -26,6 +26,11 @@ static covariance of the world's one-step errors, taper radius,
 additive factor and output spread factor tuned on the last ``--world-val`` fit frames
 with mask seed 1000, never on the test window or its seeds).
 
+Model selection (``--validate``): the same protocol inside the fit period only -- fit on
+its first 75 %, impute its last 25 % with mask seeds ``1000 + seed`` -- so options of
+:func:`assim.impute.fit_field_prior` (``--variants "spread_hetero=True" ...``, each a
+separately fitted prior in its own row) are chosen without looking at the test window.
+
 Writes ``experiments/results/bench_impute.{md,csv}`` and ``impute_<dataset>.png``.
 """
 
@@ -74,6 +79,16 @@ def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
     return prior.standardize(torch.from_numpy(fit), groups).nan_to_num(0.0)
 
 
+def _literal(text: str):
+    """``"0"`` -> 0, ``"0.3"`` -> 0.3, ``"None"`` -> None, else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def run_dataset(
     name: str,
     seeds: list[int],
@@ -88,6 +103,8 @@ def run_dataset(
     linear: bool = True,
     world: dict | None = None,
     field_prior: bool = True,
+    variants: tuple[str, ...] = (),
+    validate: bool = False,
 ) -> list[dict]:
     da, mask = load(name)
     valid, lat, lon = field_points(da, mask)
@@ -97,6 +114,12 @@ def run_dataset(
     n_fit = int(round(0.8 * t))
     fit, test = vals[:n_fit], vals[n_fit:]
     g_fit, g_test = torch.from_numpy(groups[:n_fit]), torch.from_numpy(groups[n_fit:])
+    if validate:  # model selection: fit on the first 75 % of the fit period, test on the rest
+        n_tr = int(0.75 * n_fit)
+        fit, test = vals[:n_tr], vals[n_tr:n_fit]
+        g_fit, g_test = torch.from_numpy(groups[:n_tr]), torch.from_numpy(groups[n_tr:n_fit])
+        seeds = [1000 + s for s in seeds]
+        n_fit = n_tr
     la, lo = torch.from_numpy(lat), torch.from_numpy(lon)
     gen = torch.Generator().manual_seed(0)
     t0 = time.time()
@@ -117,6 +140,19 @@ def run_dataset(
         ablations = ()
     t_prior = time.time() - t0
     priors = {OURS: prior} if prior is not None else {}
+    for v in variants:  # separately fitted priors: "key=value,key=value" fit_field_prior kwargs
+        kw = {"spread": spread}
+        kw.update({a: _literal(b) for a, b in (item.split("=") for item in v.split(","))})
+        priors[f"{OURS} [{v}]"] = fit_field_prior(
+            torch.from_numpy(fit), g_fit, la, lo, n_groups,
+            generator=torch.Generator().manual_seed(0), geometry=geo, **kw,
+        )  # fmt: skip
+        pv = priors[f"{OURS} [{v}]"]
+        log(
+            f"  variant [{v}]: rank={pv.basis.shape[1]} length={pv.length:.3g} nugget="
+            f"{pv.nugget} scale={pv.scale:.3f} resid_rho={pv.resid_rho:.2f} "
+            f"hetero={pv.resid_sd is not None}"
+        )
     for sp in ablations:  # the same prior with another spread model (same fit otherwise)
         priors[f"{OURS}, spread={sp}"] = dataclasses.replace(prior, spread=sp)
         priors[f"{OURS}, spread={sp}"]._cache, priors[f"{OURS}, spread={sp}"]._window = {}, None
@@ -136,7 +172,7 @@ def run_dataset(
             f"  prior rank={prior.basis.shape[1]} rho={prior.rho.numpy().round(2)[:6]} length="
             f"{prior.length:.3g} nugget={prior.nugget} scale={prior.scale:.2f} spread="
             f"{prior.spread} var_factor={prior.var_factor:.2f} resid_rho={prior.resid_rho:.2f} "
-            f"({t_prior:.0f}s)"
+            f"hetero={prior.resid_sd is not None} ({t_prior:.0f}s)"
         )
     wimp = None
     if world is not None and name in KOLMOGOROV:
@@ -240,7 +276,7 @@ def run_dataset(
                 )
                 if wimp is not None:  # second column: the dynamical smoother
                     panel = (*panel, mean_w[j], smp_w[:, j].std(0), smp_w[0, j])
-    if panel is not None:
+    if panel is not None and not validate:
         save_panel(name, panel)
     return rows
 
@@ -325,6 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         default=["fixed"],
         help="also run the same prior with these spread models",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        help="also fit the prior with these fit_field_prior options, e.g. hetero=False",
+    )
+    ap.add_argument(
+        "--validate",
+        action="store_true",
+        help="model selection run: fit on the first 75 %% of the fit period, test on the "
+        "rest of it (never the test window), mask seeds 1000 + seed",
+    )
+    ap.add_argument("--masks", nargs="+", default=["30%", "70%", "box"], help="mask kinds")
     ap.add_argument("--no-spatial", action="store_true", help="skip the window=1 column")
     ap.add_argument(
         "--no-linear", action="store_true", help="skip linear interpolation (slow on big grids)"
@@ -391,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in dsets:
         rows += run_dataset(
-            name, seeds, k, ["30%", "70%", "box"], log, not args.no_twisted,
+            name, seeds, k, args.masks, log, not args.no_twisted,
             args.twisted_max_points, args.spread, tuple(args.ablations), not args.no_spatial,
-            not args.no_linear, world, not args.no_prior,
+            not args.no_linear, world, not args.no_prior, tuple(args.variants), args.validate,
         )  # fmt: skip
     import pandas as pd
 
