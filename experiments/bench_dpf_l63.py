@@ -21,7 +21,13 @@ The per-step dpf (``q`` at every step) of ``bench_dpf.py`` is run by that script
 Metrics: ``rmse.a`` (time mean over scored analyses, after ``--burn`` analyses, of the RMS
 error of the weighted mean), spread/skill, mean ESS, ``lost`` (rmse.a > half the
 climatological spread, as BENCHMARKS.md A) and ``late`` (mean error of the last 10 % of
-analyses, to see a filter that lost the truth late), analyses/s (1 thread).
+analyses, to see a filter that lost the truth late), analyses/s (1 thread), the
+rank-histogram chi^2 p-value (truth among the resampled, equally weighted members, every
+``--rank-every``-th scored analysis, resampled with a generator of its own so the filter's
+random stream is unchanged; the test assumes independence, so time correlation pushes p
+down) and the log-evidence ``sum_k log p(y_k | y_{1:k-1})`` of the filter's model (the
+table: its mean per scored analysis; a larger value = a model that predicts the
+observations better).
 
 ``python experiments/bench_dpf_l63.py --setting l63-std --methods la --n 100 --windows 300``
 Results: ``experiments/results/bench_dpf_<setting>_la<tag>.{md,json}``.
@@ -45,7 +51,9 @@ sys.path.insert(0, str(ROOT))
 from assim.filters.base import Ensemble  # noqa: E402
 from assim.filters.pf import BootstrapPF  # noqa: E402
 from assim.lookahead import DiffusionFlow, LookaheadPF, PhysicalFlow  # noqa: E402
+from assim.metrics import rank_histogram  # noqa: E402
 from assim.obs import Cubic, GaussianNoise, Identity, Observation  # noqa: E402
+from assim.smc import systematic  # noqa: E402
 from models.worlds.physical import physical_world  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -106,7 +114,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
             flow, dtype = DiffusionFlow(world, steps=args.steps), torch.float32
     ens = Ensemble(x0_draw(n, g, dtype))
     clim_half = 0.5 * float(truth.var(0).mean().sqrt())
-    err, spread, ess_l = [], [], []
+    err, spread, ess_l, log_z, ranks_e, ranks_y = [], [], [], [], [], []
+    g_rank = torch.Generator().manual_seed(2000 + seed)  # own stream: the filter's is untouched
     t0 = time.time()
     with torch.no_grad():
         for w in range(args.windows):
@@ -125,6 +134,11 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
             err.append(float(((m - truth[w]) ** 2).mean().sqrt()))
             spread.append(float(ens.var().clamp_min(0).mean().sqrt()))
             ess_l.append(float(info.get("ess", math.nan)))
+            log_z.append(float(info.get("log_z", math.nan)))
+            if w >= args.burn and (w - args.burn) % args.rank_every == 0:
+                idx = systematic(ens.log_w, n, g_rank)  # equally weighted members for ranks
+                ranks_e.append(ens.x[idx].double())
+                ranks_y.append(truth[w])
             if not math.isfinite(err[-1]):
                 break
             if args.progress and (w + 1) % args.progress == 0:
@@ -138,6 +152,11 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
     rmse_a = sum(e) / len(e) if e else math.nan
     sp = sum(spread[burn:]) / len(e) if e else math.nan
     tail = err[-max(1, len(err) // 10) :]
+    rank_p, counts = math.nan, []
+    if ranks_e:
+        rh = rank_histogram(torch.stack(ranks_e, 1), torch.stack(ranks_y), generator=g_rank)
+        rank_p, counts = float(rh.pvalue), [int(c) for c in rh.counts]
+    lz = log_z[burn:]
     return dict(
         setting=setting, method=method, n=n, seed=seed, q=args.q, inject=args.inject,
         iters=args.iters, steps=args.steps, linearise=args.linearise,
@@ -145,7 +164,9 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         mix=args.mix, mix_scale=args.mix_scale, fd=args.fd,
         ckpt=Path(args.ckpt).name if method == "la" else "-",
         rmse_a=rmse_a, median_err=sorted(e)[len(e) // 2] if e else math.nan,
-        spread_skill=sp / rmse_a if rmse_a > 0 else math.nan,
+        spread_skill=sp / rmse_a if rmse_a > 0 else math.nan, rank_p=rank_p,
+        rank_counts=counts, log_evidence=sum(log_z),
+        log_evidence_per_analysis=sum(lz) / len(lz) if lz else math.nan,
         mean_ess=sum(ess_l) / max(1, len(ess_l)), late=sum(tail) / len(tail),
         lost=bool(not math.isfinite(rmse_a) or rmse_a > clim_half),
         analyses=len(err), analyses_per_s=len(err) / secs,
@@ -160,8 +181,9 @@ def summarise(rows: list[dict], setting: str) -> str:
         f"### {setting} (reference: {SETTINGS[setting][2]})",
         "",
         "| method | world | q | mix | inject | iters | steps | N | seeds | analyses "
-        "| rmse.a median [min, max] | late err | spread/skill | mean ESS | lost | analyses/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rmse.a median [min, max] | late err | spread/skill | rank p | log-ev./an. | mean ESS "
+        "| lost | analyses/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     keyf = lambda r: (r["method"], r["q"], r["mix"], r["mix_scale"], r["inject"], r["iters"],  # noqa: E731
                       r["steps"], r["n"], r["linearise"], r.get("fd", "central"),
@@ -186,6 +208,8 @@ def summarise(rows: list[dict], setting: str) -> str:
             f"| {rs[0]['analyses']} | {median(v):{fmt}} [{min(v):{fmt}}, {max(v):{fmt}}] "
             f"| {median(r['late'] for r in rs):{fmt}} "
             f"| {median(r['spread_skill'] for r in rs):.2f} "
+            f"| {median(r.get('rank_p', math.nan) for r in rs):.2g} "
+            f"| {median(r.get('log_evidence_per_analysis', math.nan) for r in rs):.3f} "
             f"| {median(r['mean_ess'] for r in rs):.1f} | {sum(r['lost'] for r in rs)} "
             f"| {median(r['analyses_per_s'] for r in rs):.1f} |"
         )
@@ -223,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reg", type=float, default=2.4, help="pf-true: DAPPER's reg")
     p.add_argument("--tag", default="")
     p.add_argument("--progress", type=int, default=0)
+    p.add_argument("--rank-every", type=int, default=5,
+                   help="rank histogram: every k-th scored analysis")  # fmt: skip
     args = p.parse_args(argv)
     rows = []
     stem = f"bench_dpf_{args.setting}_la{args.tag}"
