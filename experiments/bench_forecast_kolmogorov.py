@@ -260,7 +260,7 @@ def run(a: argparse.Namespace) -> dict:
             "seconds": 0.0,
         }
         fs_n = fs  # every validation variant, or the q chosen for this grid (--choose-from)
-        if n in getattr(a, "fs_q", {}):
+        if n in a.fs_q:
             fs_n = [(f"function_space q={a.fs_q[n]:g}", {"q": a.fs_q[n]})]
         grid_settings[n] = {}
         for nm, st in fs_n:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from assim.metrics import crps_ensemble
 
-RESULTS = __import__("pathlib").Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("ostia_sst", "e1_north_america", "sst_anom")
 
 # ----------------------------------------------------------------------------- data
