@@ -109,27 +109,36 @@ def test_dpf_matches_kalman(d, operator, twist):
     assert_matches_kalman(DiffusionParticleFilter(twist=twist), d, operator, gap=True)
 
 
-def assert_matches_kalman(filt, d: int, operator, gap: bool = False) -> None:
-    """``filt`` on the diffusion linear-Gaussian world, 3 cycles (``gap``: cycle 1 partly
-    unobserved), 24 runs x 400 particles: posterior mean and variance within MC error of
-    the Kalman filter at every cycle, the evidence unbiased in ``exp``."""
+def linear_case(d: int, operator, std: float, gap: bool = False, K: int = 3):
+    """The linear-Gaussian test case shared by the Kalman comparisons: the diffusion world
+    of ``_model(d)`` (3 steps, q 0.2), ``K`` observations ``operator(x) + N(0, std^2)``
+    (``gap``: cycle 1 partly unobserved), the exact Kalman filter from ``N(0, I)`` and a
+    sampler of that initial ensemble. Returns ``(world, obs, ys, kf, x0)``."""
     A, b, Q = _model(d)
     world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
-    # R = I keeps the ESS healthy, so the O(1/ESS) bias of self-normalised estimates
-    # (~1-3 % of the variance with R = 0.25 I, for the bootstrap PF as well) << se.
-    obs = Observation(operator, GaussianNoise(std=1.0))
-    K = 3
+    obs = Observation(operator, GaussianNoise(std=std))
     ys = _simulate(world, obs, d, K, seed=1)
     if gap:
         ys[1, 0] = math.nan  # a partially observed cycle (NaN = unobserved)
     H = operator.matrix((d,), dtype=F64)
     Ae, be, Qe = world.effective()
     m0, P0 = torch.zeros(d, dtype=F64), torch.eye(d, dtype=F64)
-    kf = kalman_filter(Ae, be, Qe, H, torch.eye(H.shape[0], dtype=F64), m0, P0, ys)
+    R = std**2 * torch.eye(H.shape[0], dtype=F64)
+    kf = kalman_filter(Ae, be, Qe, H, R, m0, P0, ys)
 
     def x0(n, g):
         return torch.randn(n, d, generator=g, dtype=F64)
 
+    return world, obs, ys, kf, x0
+
+
+def assert_matches_kalman(filt, d: int, operator, gap: bool = False) -> None:
+    """``filt`` on the diffusion linear-Gaussian world, 3 cycles (``gap``: cycle 1 partly
+    unobserved), 24 runs x 400 particles: posterior mean and variance within MC error of
+    the Kalman filter at every cycle, the evidence unbiased in ``exp``."""
+    # R = I keeps the ESS healthy, so the O(1/ESS) bias of self-normalised estimates
+    # (~1-3 % of the variance with R = 0.25 I, for the bootstrap PF as well) << se.
+    world, obs, ys, kf, x0 = linear_case(d, operator, std=1.0, gap=gap)
     means, var, log_z = _run(world, filt, obs, ys, x0, R=24, N=400)
     _within(means, kf.means)
     _within(var, torch.diagonal(kf.covs, dim1=1, dim2=2))
@@ -137,19 +146,8 @@ def assert_matches_kalman(filt, d: int, operator, gap: bool = False) -> None:
 
 
 def test_the_comparison_detects_a_wrong_filter():
-    d = 2
-    A, b, Q = _model(d)
-    world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
-    obs = Observation(Identity(), GaussianNoise(std=1.0))
-    ys = _simulate(world, obs, d, 3, seed=1)
-    Ae, be, Qe = world.effective()
-    eye = torch.eye(d, dtype=F64)
-    kf = kalman_filter(Ae, be, Qe, eye, eye, torch.zeros(d, dtype=F64), eye, ys)
+    world, _, ys, kf, x0 = linear_case(2, Identity(), std=1.0)
     wrong = Observation(Identity(), GaussianNoise(std=0.7))
-
-    def x0(n, g):
-        return torch.randn(n, d, generator=g, dtype=F64)
-
     _, var, _ = _run(world, DiffusionParticleFilter(), wrong, ys, x0, R=24, N=400)
     with pytest.raises(AssertionError):
         _within(var, torch.diagonal(kf.covs, dim1=1, dim2=2))

@@ -20,13 +20,17 @@ from assim.filters.base import Ensemble
 from assim.filters.dpf import DiffusionParticleFilter, make_dpf
 from assim.filters.dpf_local import LocalDiffusionParticleFilter
 from assim.filters.dpf_moves import pcn_moves
-from assim.filters.kalman import kalman_filter
 from assim.guidance import ObsSpace
 from assim.obs import Arctan, Coarsen, GaussianNoise, Identity, Linear, Observation, Subset
 from assim.obs_noise import StudentTNoise
 from models.diffusion.kernel import GaussianKernel
 from models.worlds.diffusion_lg import DiffusionLinearGaussian
-from tests.assim.test_dpf import _model, _run, _simulate, _within, assert_matches_kalman
+from tests.assim.test_dpf import (
+    _run,
+    _within,
+    assert_matches_kalman,
+    linear_case,
+)
 
 F64 = torch.float64
 K_SE = 4.5
@@ -150,18 +154,7 @@ def test_hybrid_with_infinite_radius_matches_kalman():
     posterior mean/variance must match Kalman within MC error (tolerances as in
     ``test_dpf_matches_kalman``); a hybrid that double-counted the observation (``R``
     in both parts) fails the same check."""
-    d = 2
-    A, b, Q = _model(d)
-    world = DiffusionLinearGaussian(A, b, Q, steps=3, q=0.2)
-    obs = Observation(Identity(), GaussianNoise(std=0.5))
-    ys = _simulate(world, obs, d, 3, seed=1)
-    Ae, be, Qe = world.effective()
-    eye = torch.eye(d, dtype=F64)
-    kf = kalman_filter(Ae, be, Qe, eye, 0.25 * eye, torch.zeros(d, dtype=F64), eye, ys)
-
-    def x0(n, g):
-        return torch.randn(n, d, generator=g, dtype=F64)
-
+    world, obs, ys, kf, x0 = linear_case(2, Identity(), std=0.5)
     filt = LocalDiffusionParticleFilter(radius=math.inf, hybrid=0.5)
     means, var, _ = _run(world, filt, obs, ys, x0, R=16, N=400)
     _within(means, kf.means)

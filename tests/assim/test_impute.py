@@ -159,13 +159,19 @@ def test_errors_are_clear(gen) -> None:
         impute(da.isel(lat=slice(0, 3)), prior, n=2)
 
 
-def test_cli_errors_and_round_trip(tmp_path, gen, capsys) -> None:
+def _gappy_file(tmp_path, gen):
+    """A netCDF file of ``_dataarray`` fields with a gap at step 2: ``(prior, values, path)``."""
     prior = _prior()
     da = _dataarray(prior, gen)
     v = da.values.copy()
     v[2, 1:3, 1:4] = np.nan
     path = tmp_path / "in.nc"
     da.copy(data=v).to_dataset().to_netcdf(path)
+    return prior, v, path
+
+
+def test_cli_errors_and_round_trip(tmp_path, gen, capsys) -> None:
+    prior, v, path = _gappy_file(tmp_path, gen)
     assert main(["impute", str(path), "--var", "nope", "--out", str(tmp_path / "o.nc")]) == 2
     assert "variable 'nope' not found" in capsys.readouterr().err
     ckpt = tmp_path / "prior.pt"
@@ -197,12 +203,7 @@ def test_cli_errors_and_round_trip(tmp_path, gen, capsys) -> None:
 def test_cli_save_prior_is_the_library_fit_and_reloads(tmp_path, gen) -> None:
     """``--save-prior`` writes (atomically) the prior that :func:`prior_for` fits on the
     same field with the same seed, and that checkpoint drives a second run."""
-    prior = _prior()
-    da = _dataarray(prior, gen)
-    v = da.values.copy()
-    v[2, 1:3, 1:4] = np.nan
-    path = tmp_path / "in.nc"
-    da.copy(data=v).to_dataset().to_netcdf(path)
+    prior, v, path = _gappy_file(tmp_path, gen)
     saved, out = tmp_path / "priors" / "fit.pt", tmp_path / "out.nc"
     base = ["impute", str(path), "--var", "sst", "--samples", "2", "--out", str(out)]
     assert main([*base, "--save-prior", str(saved)]) == 0
