@@ -123,3 +123,11 @@ def loo_lag_corr(resid: Tensor, corr: Tensor, sd: Tensor | None = None) -> float
     r, _ = _loo(resid.double(), prec)
     num, den = (r[1:] * r[:-1]).sum(), (r[:-1] ** 2).sum().clamp_min(1e-300)
     return float((num / den).clamp(0.0, 0.98))
+
+
+def _smoother(oi, bandwidth: float) -> Tensor:
+    """Weights ``(P, P)`` of :func:`smooth_log`: the kernel of the residual ``oi`` (a
+    :class:`~assim.baselines.MaternOI`; same geometry, Matérn 3/2, no nugget) with length
+    ``bandwidth``, cut below 0.01."""
+    w = type(oi)(oi.lat, oi.lon, bandwidth, 0.0, 1.0, 1.5).cov()
+    return w * (w > 0.01)

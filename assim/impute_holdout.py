@@ -1,5 +1,34 @@
 """Held-out imputation of fit-period fields: the calibration statistics of the imputation
-prior (:func:`assim.impute_prior.fit_field_prior`, steps 4 and 8)."""
+prior (:func:`assim.impute_prior.fit_field_prior`, steps 4 and 8), and the per-point
+spread factor applied to the leave-one-out-like share of the posterior variance
+(:func:`scale_local_share`, :func:`fit_spread_sd`).
+
+Local-share spread factor. Write a posterior deviation at a missing point as the sum of a
+part shared with the large scales (EOF amplitudes, a gap's interior) and a part that is
+determined locally, ``d = d_sh + d_loc``, with variances ``(1 - kappa) v`` and ``kappa v``;
+``kappa = v_loo / v_post`` is the share a point would keep with all its neighbours
+observed (``v_loo = 1 / (K^{-1})_pp``, the residual's leave-one-out variance; ``v_post``
+the posterior variance; ``0 <= kappa <= 1`` by the law of total variance, since
+``Var(z_p | z_-p) >= E Var(z_p | z_-p, a) = v_loo``). Scaling only the local part by the
+per-point factor ``s``, ``d' = d_sh + s d_loc``, gives the variance
+``v' = (1 - kappa) v + kappa s^2 v``. The two parts are not separated in the draws, so
+each deviation is multiplied by ``f = sqrt((1 - kappa) + kappa s^2)`` instead: the same
+marginal (Gaussian) distribution per point, the mean unchanged (RMSE identical);
+``kappa = 1`` is the whole-deviation factor ``s``, ``kappa = 0`` no factor. Inside a
+large gap ``kappa -> 0``, so a factor learnt at isolated hidden points no longer narrows
+the large-scale spread there.
+
+Two definitions of the local share are offered. ``"local"``: ``kappa = v_loo / v_post``
+as above (the share the :meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`
+"local" model scales). ``"resid"`` (:func:`residual_share`): the share the residual
+process keeps when the EOF amplitudes ``a`` are known, ``kappa = v_res / v_post`` with
+``v_res = Var(z_p | y, a) = K_pp - K_pO K_OO^{-1} K_Op`` (kriging variance of the residual
+alone given the step's actual observations); by the law of total variance
+``v_post = v_res + Var(E[z_p | y, a] | y)``, so ``1 - kappa`` is exactly the share due to
+the unknown EOF amplitudes (the large scales). Inside a gap ``"resid"`` keeps the
+residual's unconditioned variance in the local share, ``"local"`` only its
+all-neighbours-observed part.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +37,64 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from assim.rng import rand
+from assim.rng import rand, randn
 from assim.smoother import GaussianWindowPrior
 
 if TYPE_CHECKING:
     from assim.impute_prior import FieldPrior
 
-__all__ = ["holdout_errors", "holdout_variance_ratio"]
+__all__ = [
+    "fit_spread_sd",
+    "holdout_errors",
+    "holdout_variance_ratio",
+    "residual_share",
+    "scale_local_share",
+]
+
+
+def residual_share(
+    window: GaussianWindowPrior, z: Tensor, n: int = 64, generator: torch.Generator | None = None
+) -> Tensor:
+    """``kappa = v_res / v_post`` ``(T, P)`` (module docstring, ``"resid"``) for a window
+    ``z`` ``(T, P)`` (NaN = missing), clamped to ``[0, 1]``: ``v_post`` from ``n`` draws of
+    the exact posterior (:meth:`~assim.smoother.GaussianWindowPrior.posterior`), ``v_res``
+    from ``n`` Matheron draws of the residual alone, ``e - K_{:,O} K_OO^{-1} e_O`` per
+    step (a residual AR(1) in time, ``resid_rho``, is ignored in this split)."""
+    z = z.to(window.resid_cov)
+    smp, _ = window.posterior(z, n, generator)
+    cov = window.resid_cov
+    full = torch.arange(window.n_points, device=cov.device)
+    e = randn((n, *z.shape), generator, device=cov.device, dtype=cov.dtype) @ window._chol(full).T
+    obs = torch.isfinite(z)
+    for k in range(z.shape[0]):
+        io = obs[k].nonzero().squeeze(1)
+        if io.numel():
+            e[:, k] -= torch.cholesky_solve(e[:, k, io].T, window._chol(io)).T @ cov[io]
+    return (e.var(0) / smp.var(0).clamp_min(1e-300)).clamp(0.0, 1.0)
+
+
+def scale_local_share(smp: Tensor, mean: Tensor, share: Tensor, sd: Tensor) -> Tensor:
+    """Samples ``(n, T, P)`` with deviations from ``mean`` ``(T, P)`` multiplied by
+    ``f = sqrt((1 - share) + share sd^2)`` (module docstring); ``share`` ``(T, P)`` in
+    ``[0, 1]``, ``sd`` ``(P,)``. Entries with ``share = 0`` are returned as they are."""
+    sd = sd.to(smp)
+    f = ((1 - share) + share * sd**2).sqrt()
+    return torch.where(share > 0, mean + (smp - mean) * f, smp)
+
+
+def fit_spread_sd(w: Tensor, err2: Tensor, var: Tensor, local_var: Tensor | None = None) -> Tensor:
+    """Per-point spread factor ``(P,)`` from held-out sums ``(P,)`` (:func:`holdout_errors`)
+    smoothed by the weights ``w`` ``(P, P)``, clamped to ``[0.5, 2]``.
+
+    Without ``local_var``: ``s^2 = W err2 / W var`` (the factor multiplies the whole
+    deviation). With ``local_var = sum kappa v`` (the local share of ``var``): the moment
+    equation ``E err^2 = (1 - kappa) v + kappa s^2 v`` summed over the held-out entries,
+    ``s^2 = (W err2 - W (var - local_var)) / W local_var`` (:func:`scale_local_share`);
+    equal to the first where ``local_var = var``."""
+    if local_var is None:
+        return ((w @ err2) / (w @ var).clamp_min(1e-300)).clamp(0.25, 4.0).sqrt()
+    s2 = (w @ err2 - w @ (var - local_var)) / (w @ local_var).clamp_min(1e-300)
+    return s2.clamp(0.25, 4.0).sqrt()
 
 
 def holdout_variance_ratio(
@@ -41,11 +121,14 @@ def holdout_errors(
     n_tr: int,
     generator: torch.Generator | None = None,
     spread: str = "fixed",
-) -> tuple[Tensor, Tensor]:
+    share: str | None = None,
+) -> tuple[Tensor, ...]:
     """Per point ``(P,)``: the sums over the held-out steps of the squared error of the
     posterior mean and of the posterior variance (32 draws) at the hidden entries of
     the held-out imputation of :func:`holdout_variance_ratio` (zero where a point was
-    never hidden)."""
+    never hidden); with ``share`` (``"local"`` or ``"resid"``, module docstring) also
+    the sum of ``kappa`` times the variance (its local part). The masks and the draws
+    of the first two sums do not depend on ``share``."""
     r = prior.basis.shape[1]
     _, s, vh = torch.linalg.svd(z[:n_tr], full_matrices=False)
     sub = GaussianWindowPrior(
@@ -63,11 +146,16 @@ def holdout_errors(
     masked = val.masked_fill(hid, float("nan"))
     step = max(1, 6144 // p) if sub.resid_rho else val.shape[0]  # dense posterior: cap T P
     err2 = torch.zeros(p, dtype=val.dtype, device=val.device)
-    var = torch.zeros_like(err2)
+    var, local_var = torch.zeros_like(err2), torch.zeros_like(err2)
     for k0 in range(0, val.shape[0], step):
         sl = slice(k0, k0 + step)
-        smp, mean = sub.posterior_scaled(masked[sl], 32, generator, spread)
+        loc = share == "local"
+        out = sub.posterior_scaled(masked[sl], 32, generator, spread, return_share=loc)
+        smp, mean = out[0], out[1]
         h = hid[sl].to(val.dtype)
         err2 = err2 + ((mean - val[sl]) ** 2 * h).sum(0)
         var = var + (smp.var(0) * h).sum(0)
-    return err2, var
+        if share:
+            kappa = out[2] if loc else residual_share(sub, masked[sl], 32, generator)
+            local_var = local_var + (smp.var(0) * kappa * h).sum(0)
+    return (err2, var, local_var) if share else (err2, var)

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from assim import impute_holdout as ho
 from assim.baselines import MaternOI, fit_matern_oi, grouped_climatology, matern
 from assim.errors import InputError
 from assim.impute_clim import harmonic_climatology
-from assim.impute_hetero import loo_lag_corr, residual_sd
+from assim.impute_hetero import _smoother, loo_lag_corr, residual_sd
 from assim.impute_holdout import holdout_errors, holdout_variance_ratio
 from assim.smoother import GaussianWindowPrior
 
@@ -41,7 +42,8 @@ class FieldPrior:
     ``resid_sd`` ``(P,)`` are given (non-stationary residual, :mod:`assim.impute_hetero`).
     ``spread_sd`` ``(P,)``, when given, multiplies the posterior deviations from the mean
     per point (:meth:`posterior`; fitted by held-out imputation, :func:`fit_field_prior`
-    step 8).
+    step 8), or with ``spread_share`` only the leave-one-out-like share of the posterior
+    variance (:func:`~assim.impute_holdout.scale_local_share`).
     """
 
     lat: Tensor
@@ -61,6 +63,7 @@ class FieldPrior:
     resid_rho: float = 0.0
     resid_sd: Tensor | None = None
     spread_sd: Tensor | None = None
+    spread_share: str | None = None
     _window: GaussianWindowPrior | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -88,14 +91,23 @@ class FieldPrior:
         from the window's observations,
         :meth:`~assim.smoother.GaussianWindowPrior.posterior_scaled`), deviations times
         ``sqrt(var_factor)`` (fitted on held-out fit-period fields) and, when given, by
-        the per-point factors ``spread_sd`` ``(P,)``."""
+        the per-point factors ``spread_sd`` ``(P,)`` (with ``spread_share``: on the local
+        share of the variance only)."""
+        if self.spread_share == "local" and self.spread_sd is not None:
+            smp, mean, share = self.window.posterior_scaled(
+                z, n, generator, self.spread, 1.0, self.var_factor, return_share=True
+            )
+            return ho.scale_local_share(smp, mean, share, self.spread_sd), mean
         if self.spread == "fixed" and self.var_factor == 1.0:
             smp, mean = self.window.posterior(z, n, generator)
         else:
             smp, mean = self.window.posterior_scaled(
                 z, n, generator, self.spread, 1.0, self.var_factor
             )
-        if self.spread_sd is not None:  # per-point spread factor (the mean is unchanged)
+        if self.spread_sd is not None and self.spread_share == "resid":
+            share = ho.residual_share(self.window, z, max(n, 64), generator)
+            smp = ho.scale_local_share(smp, mean, share, self.spread_sd)
+        elif self.spread_sd is not None:  # per-point spread factor (the mean is unchanged)
             smp = mean + (smp - mean) * self.spread_sd.to(smp)
         return smp, mean
 
@@ -134,6 +146,8 @@ class FieldPrior:
         out.update(length=self.length, nugget=self.nugget, scale=self.scale, nu=self.nu)
         out.update(var_factor=self.var_factor, spread=self.spread, geometry=self.geometry)
         out["resid_rho"] = self.resid_rho
+        if self.spread_share is not None:
+            out["spread_share"] = self.spread_share
         for key in ("resid_sd", "spread_sd"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key).float()
@@ -159,6 +173,7 @@ class FieldPrior:
             resid_rho=float(sd.get("resid_rho", 0.0)),
             resid_sd=sd["resid_sd"].double() if "resid_sd" in sd else None,
             spread_sd=sd["spread_sd"].double() if "spread_sd" in sd else None,
+            spread_share=sd.get("spread_share"),
         )
 
 
@@ -206,14 +221,6 @@ def fit_residual(
             if lpd > best_score:
                 best, best_score = (length, nug, sc), lpd
     return TorusMatern(lat.double(), lon.double(), *best)
-
-
-def _smoother(oi: MaternOI, bandwidth: float) -> Tensor:
-    """Weights ``(P, P)`` of :func:`~assim.impute_hetero.smooth_log`: the residual's
-    kernel (same geometry, Matérn 3/2, no nugget) with length ``bandwidth``, cut below
-    0.01."""
-    w = type(oi)(oi.lat, oi.lon, bandwidth, 0.0, 1.0, 1.5).cov()
-    return w * (w > 0.01)
 
 
 def _ppca_val_loglik(u: Tensor, lam: Tensor, d: Tensor, z: Tensor) -> float:
@@ -267,7 +274,7 @@ def fit_field_prior(
     temporal_residual: bool | float | str | None = None,
     hetero: bool = False,
     seasonal: int | None = None,
-    spread_hetero: bool = False,
+    spread_hetero: bool | str = False,
 ) -> FieldPrior:
     """Fit the default prior on fit-period fields ``values`` ``(T, P)`` (NaN allowed).
 
@@ -312,11 +319,18 @@ def fit_field_prior(
        (``FieldPrior.spread_sd``) from the held-out imputation of step 4 with the final
        spread model (:func:`holdout_errors`): ``sqrt(W err2 / W var)`` with ``W`` the
        residual's Matérn 3/2 kernel at its own length (a local average of the
-       calibration ratio), clamped to ``[0.5, 2]``; the mean is unchanged.
+       calibration ratio), clamped to ``[0.5, 2]``; the mean is unchanged. ``"local"``:
+       the factor scales only the leave-one-out-like share of the posterior variance
+       (``spread_share``; fitted by :func:`~assim.impute_holdout.fit_spread_sd` on it),
+       so the inside of a large gap keeps the calibrated prior's spread; ``"resid"``:
+       only the share due to the residual given the EOF amplitudes
+       (:func:`~assim.impute_holdout.residual_share`), so only the EOF part is kept.
        All calibration uses the fit fields only, never the fields being imputed.
     """
     if spread not in ("fixed", "window", "local"):
         raise InputError(f"spread must be 'fixed', 'window' or 'local', got {spread!r}")
+    if spread_hetero not in (False, True, "local", "resid"):
+        raise InputError(f"spread_hetero must be a bool, 'local' or 'resid', not {spread_hetero!r}")
     values = values.double()
     if seasonal is not None and (n_groups or int(groups.max()) + 1) > 1:
         mean, std = harmonic_climatology(values, groups, n_groups or 12, int(seasonal))
@@ -390,7 +404,8 @@ def fit_field_prior(
             prior.var_factor = holdout_variance_ratio(prior, z, n_tr, generator, spread)
     prior.spread = spread
     if spread_hetero and calibrate and t - n_tr >= 1:
-        err2, var = holdout_errors(prior, z, n_tr, generator, spread)
-        w = _smoother(oi, oi.length)
-        prior.spread_sd = ((w @ err2) / (w @ var).clamp_min(1e-300)).clamp(0.25, 4.0).sqrt()
+        share = spread_hetero if isinstance(spread_hetero, str) else None
+        sums = holdout_errors(prior, z, n_tr, generator, spread, share)
+        prior.spread_sd = ho.fit_spread_sd(_smoother(oi, oi.length), *sums)
+        prior.spread_share = share
     return prior

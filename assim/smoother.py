@@ -75,13 +75,8 @@ class GaussianWindowPrior:
         return self.basis.shape[1]
 
     def to(self, device: torch.device | str) -> GaussianWindowPrior:
-        return GaussianWindowPrior(
-            self.basis.to(device),
-            self.lam.to(device),
-            self.rho.to(device),
-            self.resid_cov.to(device),
-            self.resid_rho,
-        )
+        mats = (self.basis, self.lam, self.rho, self.resid_cov)
+        return GaussianWindowPrior(*(m.to(device) for m in mats), self.resid_rho)
 
     def dense_cov(self, n_steps: int) -> Tensor:
         """Covariance of a whole window flattened ``(k, p)``: ``W C_a W^T + R_T (x) K``,
@@ -168,7 +163,8 @@ class GaussianWindowPrior:
         scale: str = "window",
         dof: float = 1.0,
         var_factor: float = 1.0,
-    ) -> tuple[Tensor, Tensor]:
+        return_share: bool = False,
+    ) -> tuple[Tensor, ...]:
         """Posterior samples ``(n, T, P)`` and mean ``(T, P)`` of a prior ``N(0, s2 Sigma)``
         whose variance scale ``s2`` is learnt from the window's own observations; the
         deviations from the mean are further multiplied by ``sqrt(var_factor)`` (a
@@ -201,24 +197,31 @@ class GaussianWindowPrior:
           errors), the inside of a large gap the calibrated prior's spread, widened in a
           regime with larger anomalies than the fit period (``q / n_O`` is dominated by
           small scales, so it is only trusted to inflate).
+
+        ``return_share``: also return the leave-one-out-like share ``(T, P)`` of each
+        returned variance: ``kappa`` (16+ draws), ``kappa s2_loc / s2`` for "local".
         """
         if scale not in ("fixed", "window", "local"):
             raise ValueError(f"scale must be 'fixed', 'window' or 'local', got {scale!r}")
-        n_draw = max(n, 16) if scale == "local" else n
+        n_draw = max(n, 16) if scale == "local" or return_share else n
         smp, mean, quad, n_obs, local = self._posterior(z, n_draw, generator, scale == "local")
         dev = (smp - mean) * float(var_factor) ** 0.5
+        kappa = None
+        if scale == "local" or return_share:
+            v_post = (smp - mean).var(0).clamp_min(1e-300)
+            kappa = (self.loo_var() / v_post).clamp(0.0, 1.0)
+            dev = dev[:n]
         if scale == "window":
             shape, rate = 0.5 * (dof + n_obs), 0.5 * (dof + float(quad))
             s2 = rate / _gamma(shape, n, generator).to(smp)
             dev = dev * s2.sqrt()[:, None, None]
         elif scale == "local":
             num, den = local
-            v_post = (smp - mean).var(0).clamp_min(1e-300)
-            kappa = (self.loo_var() / v_post).clamp(0.0, 1.0)
             far = max(1.0, (dof + float(quad)) / (dof + n_obs))
-            s2 = kappa * (dof + num) / (dof + den) + (1 - kappa) * far
-            dev = dev[:n] * s2.sqrt()
-        return mean + dev, mean
+            loc = kappa * (dof + num) / (dof + den)
+            s2 = loc + (1 - kappa) * far
+            dev, kappa = dev * s2.sqrt(), loc / s2
+        return (mean + dev, mean, kappa) if return_share else (mean + dev, mean)
 
     def _dense_posterior(self, z: Tensor, zs: Tensor, obs: Tensor, local: bool):
         """:meth:`_posterior` with the dense window covariance (AR(1) residual: the
