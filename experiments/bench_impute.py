@@ -61,9 +61,14 @@ from experiments.impute_common import (  # noqa: E402,F401 (re-exported)
     KOLMOGOROV,
     RESULTS,
     fair_crps,
+    literal,
     load,
     make_masks,
+    save_panel,
     scores,
+    table,
+    write_atomic,
+    z_prior,
 )
 from experiments.impute_world_column import WORLD, WORLD_GRID, WorldImputer  # noqa: E402
 
@@ -72,21 +77,6 @@ OURS = "EOF+Matérn space-time (ours)"
 TWISTED = "twisted SMC (diffusion, Gaussian oracle prior)"
 SPATIAL = "EOF+Matérn spatial, exact (twisted's target)"
 REPLACE = "replacement inpainting (same diffusion prior; biased)"
-
-
-def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
-    """Standardised fit-period anomalies under ``prior`` (NaN -> 0), ``(T, P)``."""
-    return prior.standardize(torch.from_numpy(fit), groups).nan_to_num(0.0)
-
-
-def _literal(text: str):
-    """``"0"`` -> 0, ``"0.3"`` -> 0.3, ``"None"`` -> None, else the string."""
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def run_dataset(
@@ -105,6 +95,7 @@ def run_dataset(
     field_prior: bool = True,
     variants: tuple[str, ...] = (),
     validate: bool = False,
+    panel_suffix: str = "",
 ) -> list[dict]:
     da, mask = load(name)
     valid, lat, lon = field_points(da, mask)
@@ -142,7 +133,7 @@ def run_dataset(
     priors = {OURS: prior} if prior is not None else {}
     for v in variants:  # separately fitted priors: "key=value,key=value" fit_field_prior kwargs
         kw = {"spread": spread}
-        kw.update({a: _literal(b) for a, b in (item.split("=") for item in v.split(","))})
+        kw.update({a: literal(b) for a, b in (item.split("=") for item in v.split(","))})
         priors[f"{OURS} [{v}]"] = fit_field_prior(
             torch.from_numpy(fit), g_fit, la, lo, n_groups,
             generator=torch.Generator().manual_seed(0), geometry=geo, **kw,
@@ -277,58 +268,8 @@ def run_dataset(
                 if wimp is not None:  # second column: the dynamical smoother
                     panel = (*panel, mean_w[j], smp_w[:, j].std(0), smp_w[0, j])
     if panel is not None and not validate:
-        save_panel(name, panel)
+        save_panel(name, panel, panel_suffix)
     return rows
-
-
-def save_panel(name: str, panel) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    valid, *fields = panel
-    titles = ["truth", "masked input", "posterior mean", "posterior spread", "one sample"]
-    if len(fields) == 5:
-        fig, axes = plt.subplots(len(fields), 1, figsize=(8, 1.6 * len(fields) + 1))
-    else:  # square torus fields with the dynamical smoother's mean, spread, sample
-        titles = titles[:2] + [f"{t} (Gaussian)" for t in titles[2:]]
-        titles += [f"{t} (EnKS world)" for t in titles[2:5]]
-        titles = [t.replace(" (Gaussian) (EnKS world)", " (EnKS world)") for t in titles]
-        fig, axes = plt.subplots(2, 4, figsize=(13, 6.5))
-    axes = np.asarray(axes).reshape(-1)
-    vmin, vmax = np.nanpercentile(fields[0], [2, 98])
-    for ax, f, title in zip(axes, fields, titles, strict=True):
-        g = np.full(valid.shape, np.nan)
-        g[valid] = f
-        kw = dict(vmin=vmin, vmax=vmax) if "spread" not in title else {}
-        im = ax.imshow(g, origin="lower", aspect="auto", cmap="RdBu_r" if kw else "viridis", **kw)
-        ax.set_title(f"{name}: {title}", fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / f"impute_{name}.png", dpi=80)
-    plt.close(fig)
-
-
-def table(rows: list[dict]) -> str:
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    if "time" not in df:
-        df["time"] = np.nan
-    cols = ["crps", "rmse", "cov", "time"]
-    agg = df.groupby(["dataset", "mask", "method"], sort=False)[cols].mean()
-    lines = [
-        "| dataset | mask | method | CRPS | RMSE | 90% cov | time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (d, m, meth), r in agg.iterrows():
-        lines.append(
-            f"| {d} | {m} | {meth} | {r.crps:.4f} | {r.rmse:.4f} | {r['cov']:.3f} | {r.time:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         import pandas as pd
 
         rows = pd.concat([pd.read_csv(f) for f in args.merge]).to_dict("records")
-        (RESULTS / "bench_impute.md").write_text(
-            f"# bench_impute (means over seeds, K={args.members})\n\n{table(rows)}\n"
-        )
+        md = f"# bench_impute (means over seeds, K={args.members})\n\n{table(rows)}\n"
+        write_atomic(RESULTS / "bench_impute.md", md)
         print(table(rows))
         return 0
     suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
@@ -443,13 +383,15 @@ def main(argv: list[str] | None = None) -> int:
             name, seeds, k, args.masks, log, not args.no_twisted,
             args.twisted_max_points, args.spread, tuple(args.ablations), not args.no_spatial,
             not args.no_linear, world, not args.no_prior, tuple(args.variants), args.validate,
+            suffix,
         )  # fmt: skip
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(RESULTS / f"bench_impute{suffix}.csv", index=False)
+    write_atomic(RESULTS / f"bench_impute{suffix}.csv", pd.DataFrame(rows).to_csv(index=False))
     md = table(rows)
-    (RESULTS / f"bench_impute{suffix}.md").write_text(
-        f"# bench_impute{suffix} (means over seeds {seeds}, K={k})\n\n{md}\n"
+    write_atomic(
+        RESULTS / f"bench_impute{suffix}.md",
+        f"# bench_impute{suffix} (means over seeds {seeds}, K={k})\n\n{md}\n",
     )
     log(md)
     return 0

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from assim.metrics import crps_ensemble
 
@@ -129,3 +130,77 @@ def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
         crps=float(fair_crps(members, y).mean()),
         cov=float(cov),
     )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
+    """Standardised fit-period anomalies under ``prior`` (NaN -> 0), ``(T, P)``."""
+    return prior.standardize(torch.from_numpy(fit), groups).nan_to_num(0.0)
+
+
+def literal(text: str):
+    """``"0"`` -> 0, ``"0.3"`` -> 0.3, ``"None"`` -> None, else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def save_panel(name: str, panel, suffix: str = "") -> None:
+    """PNG panel ``impute_<name><suffix>.png``: truth, masked input, mean, spread, a sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    valid, *fields = panel
+    titles = ["truth", "masked input", "posterior mean", "posterior spread", "one sample"]
+    if len(fields) == 5:
+        fig, axes = plt.subplots(len(fields), 1, figsize=(8, 1.6 * len(fields) + 1))
+    else:  # square torus fields with the dynamical smoother's mean, spread, sample
+        titles = titles[:2] + [f"{t} (Gaussian)" for t in titles[2:]]
+        titles += [f"{t} (EnKS world)" for t in titles[2:5]]
+        titles = [t.replace(" (Gaussian) (EnKS world)", " (EnKS world)") for t in titles]
+        fig, axes = plt.subplots(2, 4, figsize=(13, 6.5))
+    axes = np.asarray(axes).reshape(-1)
+    vmin, vmax = np.nanpercentile(fields[0], [2, 98])
+    for ax, f, title in zip(axes, fields, titles, strict=True):
+        g = np.full(valid.shape, np.nan)
+        g[valid] = f
+        kw = dict(vmin=vmin, vmax=vmax) if "spread" not in title else {}
+        im = ax.imshow(g, origin="lower", aspect="auto", cmap="RdBu_r" if kw else "viridis", **kw)
+        ax.set_title(f"{name}: {title}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / f"impute_{name}{suffix}.png", dpi=80)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the mean CRPS, RMSE, coverage and time per dataset, mask, method."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if "time" not in df:
+        df["time"] = np.nan
+    cols = ["crps", "rmse", "cov", "time"]
+    agg = df.groupby(["dataset", "mask", "method"], sort=False)[cols].mean()
+    lines = [
+        "| dataset | mask | method | CRPS | RMSE | 90% cov | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (d, m, meth), r in agg.iterrows():
+        lines.append(
+            f"| {d} | {m} | {meth} | {r.crps:.4f} | {r.rmse:.4f} | {r['cov']:.3f} | {r.time:.1f} |"
+        )
+    return "\n".join(lines)
