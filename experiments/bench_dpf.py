@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=None, help="learned world's sampler (ddpm, ddim, ...)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic step)")
     p.add_argument("--ldpf-ns", nargs="+", type=int, default=[64], help="N of ldpf/pf")
+    p.add_argument("--kf-ns", nargs="+", type=int, default=[40], help="N of etkf/letkf")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--tag", default="")
     p.add_argument("--progress", type=int, default=0, help="print every K cycles (stderr)")
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = []
     for method in args.methods:
         kf = method.startswith(("etkf", "letkf"))
-        ns = [40] if kf else (args.ldpf_ns if method in ("ldpf", "pf") else args.ns)
+        ns = args.kf_ns if kf else (args.ldpf_ns if method in ("ldpf", "pf") else args.ns)
         ns = ([40] if kf else args.ns) if args.quick else ns
         jobs += [(args.setting, method, n, s, args) for n in ns for s in args.seeds]
     RESULTS.mkdir(parents=True, exist_ok=True)
