@@ -380,9 +380,8 @@ class LookaheadPF:
                 + log_rho,
                 1,
             )
-        log_p = torch.logsumexp(
-            torch.stack([_diag_logpdf(xf, mf, v * sc) for _, sc in comps], 1) + log_pi, 1
-        )
+        log_pc = torch.stack([_diag_logpdf(xf, mf, v * sc) for _, sc in comps], 1) + log_pi
+        log_p = torch.logsumexp(log_pc, 1)
         if log_q is None:
             log_q = log_p
         xs = xf.reshape(kern.mean.shape)
@@ -399,6 +398,8 @@ class LookaheadPF:
         except WeightCollapse:
             log_w = torch.full_like(log_w, -math.log(n))
             log_z, collapsed = torch.tensor(-math.inf), True
+        # posterior probability of the wide component: sum_i W_i P(wide | x_i)
+        resp = torch.nan_to_num((log_pc[:, -1] - log_p).exp()) if self.mix else 0.0 * log_p
         info = {"ess": float(ess(log_w)), "log_z": float(log_z), "resampled": resampled,
-                "collapsed": collapsed}  # fmt: skip
+                "collapsed": collapsed, "wide_prob": float((log_w.exp() * resp).sum())}  # fmt: skip
         return Ensemble(x_obs, log_w), info

@@ -14,6 +14,10 @@ Methods (``--methods``):
   the true model enters this method: truth and observations only); ``--ckpt`` another
   checkpoint (e.g. a retrained world);
 * ``la-true``: the same filter with the true model (:class:`~assim.lookahead.PhysicalFlow`);
+* either ``la`` method with ``--mix-max`` (> ``--mix``) runs the adaptive mixture weight of
+  :class:`assim.lookahead_mix.AdaptiveMixLookahead` (weight in ``[--mix, --mix-max]``, from the
+  previous window's posterior probability of the wide component; exact weights), and with
+  ``--spread-factor beta < 1`` the analysis deflation of the same class (an approximation);
 * ``pf-true``: the bootstrap PF with the true model and DAPPER's regularisation
   (``PartFilt(reg=--reg, NER=0.3)``, the reference ``PF N=100 0.38``).
 The per-step dpf (``q`` at every step) of ``bench_dpf.py`` is run by that script.
@@ -27,7 +31,8 @@ rank-histogram chi^2 p-value (truth among the resampled, equally weighted member
 random stream is unchanged; the test assumes independence, so time correlation pushes p
 down) and the log-evidence ``sum_k log p(y_k | y_{1:k-1})`` of the filter's model (the
 table: its mean per scored analysis; a larger value = a model that predicts the
-observations better).
+observations better). The json also keeps ``mean_mix`` (the mixture weight used, averaged
+over analyses), every 10th error and spread, and the 250-analysis chunk means of the error.
 
 ``python experiments/bench_dpf_l63.py --setting l63-std --methods la --n 100 --windows 300``
 Results: ``experiments/results/bench_dpf_<setting>_la<tag>.{md,json}``.
@@ -51,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from assim.filters.base import Ensemble  # noqa: E402
 from assim.filters.pf import BootstrapPF  # noqa: E402
 from assim.lookahead import DiffusionFlow, LookaheadPF, PhysicalFlow  # noqa: E402
+from assim.lookahead_mix import AdaptiveMixLookahead  # noqa: E402
 from assim.metrics import rank_histogram  # noqa: E402
 from assim.obs import Cubic, GaussianNoise, Identity, Observation  # noqa: E402
 from assim.smc import systematic  # noqa: E402
@@ -104,6 +110,10 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
                            inflation=args.inflation, ess_threshold=args.threshold,
                            linearise=args.linearise, mix=args.mix,
                            mix_scale=args.mix_scale, fd=args.fd)  # fmt: skip
+        if args.mix_max is not None or args.spread_factor != 1.0:
+            mix_max = args.mix if args.mix_max is None else args.mix_max
+            filt = AdaptiveMixLookahead(filt, args.mix, mix_max, args.spread_factor)
+        pf = getattr(filt, "pf", filt)
         if method == "la-true":
             flow, dtype = PhysicalFlow(phys), torch.float64
         else:
@@ -114,7 +124,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
             flow, dtype = DiffusionFlow(world, steps=args.steps), torch.float32
     ens = Ensemble(x0_draw(n, g, dtype))
     clim_half = 0.5 * float(truth.var(0).mean().sqrt())
-    err, spread, ess_l, log_z, ranks_e, ranks_y = [], [], [], [], [], []
+    err, spread, ess_l, log_z, ranks_e, ranks_y, mixes = [], [], [], [], [], [], []
     g_rank = torch.Generator().manual_seed(2000 + seed)  # own stream: the filter's is untouched
     t0 = time.time()
     with torch.no_grad():
@@ -123,7 +133,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
                 # a fixed schedule (not adaptive): q from --q-start down to --q over the
                 # first --anneal analyses, so the weights stay exact for a time-varying model
                 frac = min(1.0, w / args.anneal)
-                filt.q = math.exp((1 - frac) * math.log(args.q_start) + frac * math.log(args.q))
+                pf.q = math.exp((1 - frac) * math.log(args.q_start) + frac * math.log(args.q))
             if method == "pf-true":
                 for _ in range(EVERY - 1):
                     ens, _ = filt.cycle(phys, ens, None, obs, g)
@@ -135,6 +145,7 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
             spread.append(float(ens.var().clamp_min(0).mean().sqrt()))
             ess_l.append(float(info.get("ess", math.nan)))
             log_z.append(float(info.get("log_z", math.nan)))
+            mixes.append(float(info.get("mix", args.mix)))
             if w >= args.burn and (w - args.burn) % args.rank_every == 0:
                 idx = systematic(ens.log_w, n, g_rank)  # equally weighted members for ranks
                 ranks_e.append(ens.x[idx].double())
@@ -144,7 +155,9 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
             if args.progress and (w + 1) % args.progress == 0:
                 rate = (w + 1) / (time.time() - t0)
                 recent = sum(err[-args.progress :]) / args.progress
+                sp_recent = sum(spread[-args.progress :]) / args.progress
                 msg = f"{setting} {method} N={n} seed={seed} analysis {w + 1}: rmse {recent:.3f}"
+                msg += f" spread {sp_recent:.3f}"
                 print(f"{msg} ({rate:.1f}/s)", file=sys.stderr, flush=True)
     secs = time.time() - t0
     burn = min(args.burn, len(err) // 4)
@@ -161,7 +174,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         setting=setting, method=method, n=n, seed=seed, q=args.q, inject=args.inject,
         iters=args.iters, steps=args.steps, linearise=args.linearise,
         inflation=args.inflation, reg=args.reg, anneal=args.anneal, q_start=args.q_start,
-        mix=args.mix, mix_scale=args.mix_scale, fd=args.fd,
+        mix=args.mix, mix_scale=args.mix_scale, fd=args.fd, mix_max=args.mix_max,
+        spread_factor=args.spread_factor, mean_mix=sum(mixes) / max(1, len(mixes)),
         ckpt=Path(args.ckpt).name if method == "la" else "-",
         rmse_a=rmse_a, median_err=sorted(e)[len(e) // 2] if e else math.nan,
         spread_skill=sp / rmse_a if rmse_a > 0 else math.nan, rank_p=rank_p,
@@ -171,6 +185,8 @@ def run_one(setting: str, method: str, n: int, seed: int, args) -> dict:
         lost=bool(not math.isfinite(rmse_a) or rmse_a > clim_half),
         analyses=len(err), analyses_per_s=len(err) / secs,
         err_series=err[:: max(1, len(err) // 200)],
+        spread_series=spread[:: max(1, len(err) // 200)],
+        chunk_means=[sum(c) / len(c) for c in (err[i : i + 250] for i in range(0, len(err), 250))],
     )  # fmt: skip
 
 
@@ -187,13 +203,18 @@ def summarise(rows: list[dict], setting: str) -> str:
     ]  # fmt: skip
     keyf = lambda r: (r["method"], r["q"], r["mix"], r["mix_scale"], r["inject"], r["iters"],  # noqa: E731
                       r["steps"], r["n"], r["linearise"], r.get("fd", "central"),
-                      r.get("ckpt", "l63.pt" if r["method"] == "la" else "-"))  # fmt: skip
+                      r.get("ckpt", "l63.pt" if r["method"] == "la" else "-"),
+                      r.get("mix_max"), r.get("spread_factor", 1.0))  # fmt: skip
     for key in sorted({keyf(r) for r in rows}, key=str):
         rs = [r for r in rows if keyf(r) == key]
         v = [r["rmse_a"] for r in rs]
-        method, q, mix, mix_scale, inject, iters, steps, n, lin, fd, ckpt = key
+        method, q, mix, mix_scale, inject, iters, steps, n, lin, fd, ckpt, mix_max, beta = key
         world = ckpt if method == "la" else "true"
         mixs = f"{mix:g}×{mix_scale:g}q" if mix else "0"
+        if mix_max is not None and mix_max != mix:
+            mixs = f"adaptive {mix:g}–{mix_max:g} ×{mix_scale:g}q"
+        if beta != 1.0:
+            mixs = f"{mixs}, deflation β {beta:g}"
         if lin == "mean":
             inject = f"{inject} (lin. mean)"
         if fd == "forward":
@@ -238,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflation", type=float, default=1.0)
     p.add_argument("--mix", type=float, default=0.0, help="weight of the wide component")
     p.add_argument("--mix-scale", type=float, default=10.0, help="its q / --q")
+    p.add_argument(
+        "--mix-max",
+        type=float,
+        default=None,
+        help="adaptive mixture weight in [--mix, --mix-max] (assim.lookahead_mix)",
+    )
+    p.add_argument("--spread-factor", type=float, default=1.0,
+                   help="analysis deflation beta (an approximation; 1: off)")  # fmt: skip
     p.add_argument("--linearise", default="particle", choices=["particle", "mean"])
     p.add_argument("--fd", default="central", choices=["central", "forward"],
                    help="finite differences of the flow's Jacobian")  # fmt: skip
