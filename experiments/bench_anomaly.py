@@ -34,7 +34,13 @@ from assim.anomaly import dte_scores, evidence_scores, imputation_scores  # noqa
 from assim.anomaly_qc import SCAN, calibrate_evidence  # noqa: E402
 from assim.impute import field_points, fit_field_prior, grid_geometry, season_index  # noqa: E402
 from assim.impute_prior import fit_residual  # noqa: E402
-from experiments.impute_common import DATASETS, RESULTS, load, random_box  # noqa: E402
+from experiments.impute_common import (  # noqa: E402
+    DATASETS,
+    RESULTS,
+    load,
+    mean_table,
+    random_box,
+)
 
 TYPES = ("spike", "level shift", "drift", "frozen")
 
@@ -203,20 +209,9 @@ def save_panel(name, panel) -> None:
 
 
 def table(rows) -> str:
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    cols = ["auroc", "auprc", "f1", "time"]
-    agg = df.groupby(["dataset", "type", "method"], sort=False)[cols].mean()
-    lines = [
-        "| dataset | type | method | AUROC | AUPRC | best F1 | time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for (d, t, m), r in agg.iterrows():
-        lines.append(
-            f"| {d} | {t} | {m} | {r.auroc:.3f} | {r.auprc:.3f} | {r.f1:.3f} | {r.time:.1f} |"
-        )
-    return "\n".join(lines)
+    """Markdown table of the mean AUROC, AUPRC, best F1 and time per dataset, type, method."""
+    cols = {"auroc": "AUROC:.3f", "auprc": "AUPRC:.3f", "f1": "best F1:.3f", "time": "time (s):.1f"}
+    return mean_table(rows, ["dataset", "type", "method"], cols)
 
 
 def main(argv=None) -> int:

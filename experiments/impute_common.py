@@ -186,21 +186,28 @@ def save_panel(name: str, panel, suffix: str = "") -> None:
     plt.close(fig)
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table of the mean CRPS, RMSE, coverage and time per dataset, mask, method."""
+def mean_table(rows: list[dict], keys: list[str], cols: dict[str, str]) -> str:
+    """Markdown table of the means over seeds of ``rows``, grouped by ``keys`` (in order of
+    appearance); ``cols`` maps a column to its ``header:format`` (e.g. ``"CRPS:.4f"``)."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    if "time" not in df:
-        df["time"] = np.nan
-    cols = ["crps", "rmse", "cov", "time"]
-    agg = df.groupby(["dataset", "mask", "method"], sort=False)[cols].mean()
+    for col in cols:
+        if col not in df:
+            df[col] = np.nan
+    agg = df.groupby(keys, sort=False)[list(cols)].mean()
+    heads = [spec.split(":")[0] for spec in cols.values()]
     lines = [
-        "| dataset | mask | method | CRPS | RMSE | 90% cov | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join([*keys, *heads]) + " |",
+        "|" + "---|" * (len(keys) + len(cols)),
     ]
-    for (d, m, meth), r in agg.iterrows():
-        lines.append(
-            f"| {d} | {m} | {meth} | {r.crps:.4f} | {r.rmse:.4f} | {r['cov']:.3f} | {r.time:.1f} |"
-        )
+    for key, r in agg.iterrows():
+        vals = [format(r[col], spec.split(":")[1]) for col, spec in cols.items()]
+        lines.append("| " + " | ".join([*map(str, key), *vals]) + " |")
     return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the mean CRPS, RMSE, coverage and time per dataset, mask, method."""
+    cols = {"crps": "CRPS:.4f", "rmse": "RMSE:.4f", "cov": "90% cov:.3f", "time": "time (s):.1f"}
+    return mean_table(rows, ["dataset", "mask", "method"], cols)
