@@ -70,18 +70,26 @@ def test_fit_spread_sd_limits_and_moment_equation() -> None:
     assert not torch.allclose(fit_spread_sd(eye, err2, var), s, rtol=0.05)
 
 
+def _limit_case(gen, share: str, kappa: float):
+    """Priors with the share path (``new``) and the path it must equal at ``kappa`` 0 / 1
+    (``ref``: no factor / whole-deviation factor), and a half-observed window ``z``."""
+    p = _grid()[0].numel()
+    f = torch.linspace(0.5, 2.0, p, dtype=torch.float64)
+    z = torch.randn(3, p, generator=gen(5), dtype=torch.float64)
+    z[torch.rand(3, p, generator=gen(6), dtype=torch.float64) < 0.5] = float("nan")
+    new = _prior(1, spread="local", spread_sd=f, spread_share=share)
+    ref = _prior(1, spread="local", spread_sd=f if kappa else None)
+    return new, ref, z
+
+
 @pytest.mark.parametrize("kappa", [1.0, 0.0])
 def test_share_path_limits_reproduce_the_existing_paths_bit_for_bit(gen, kappa) -> None:
     """Default "local" spread model. Forcing the leave-one-out variance to +inf (kappa =
     1 everywhere: the local share is the whole variance) the new path equals the old
     ``spread_hetero=True`` one (whole deviations times spread_sd); forcing it to 0 (kappa
     = 0) it equals the prior without a factor. Same generator, compared bit for bit."""
-    p = _grid()[0].numel()
-    f = torch.linspace(0.5, 2.0, p, dtype=torch.float64)
-    z = torch.randn(3, p, generator=gen(5), dtype=torch.float64)
-    z[torch.rand(3, p, generator=gen(6), dtype=torch.float64) < 0.5] = float("nan")
-    new = _prior(1, spread="local", spread_sd=f, spread_share="local")
-    ref = _prior(1, spread="local", spread_sd=f if kappa else None)
+    new, ref, z = _limit_case(gen, "local", kappa)
+    p = z.shape[1]
     for pr in (new, ref):
         pr.window._chol_cache["loo_var"] = torch.full((p,), math.inf if kappa else 0.0).double()
     s1, m1 = new.posterior(z, 20, gen(7))
@@ -163,12 +171,7 @@ def test_resid_share_limits_reproduce_the_existing_paths_bit_for_bit(
     import assim.impute_holdout as ho
 
     monkeypatch.setattr(ho, "residual_share", lambda w, z, n, g: torch.full_like(z, kappa))
-    p = _grid()[0].numel()
-    f = torch.linspace(0.5, 2.0, p, dtype=torch.float64)
-    z = torch.randn(3, p, generator=gen(5), dtype=torch.float64)
-    z[torch.rand(3, p, generator=gen(6), dtype=torch.float64) < 0.5] = float("nan")
-    new = _prior(1, spread="local", spread_sd=f, spread_share="resid")
-    ref = _prior(1, spread="local", spread_sd=f if kappa else None)
+    new, ref, z = _limit_case(gen, "resid", kappa)
     s1, m1 = new.posterior(z, 20, gen(7))
     s0, m0 = ref.posterior(z, 20, gen(7))
     assert torch.equal(m1, m0) and torch.equal(s1, s0)
