@@ -25,7 +25,6 @@ import argparse
 import csv
 import io
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from assim.filters.enkf import make_filter  # noqa: E402
 from assim.filters.pf import BootstrapPF  # noqa: E402
 from assim.metrics import rmse_a  # noqa: E402
 from assim.obs import Arctan, Cubic, GaussianNoise, Identity, Observation, Subset  # noqa: E402
+from experiments.atomic import write_atomic  # noqa: E402
 from experiments.classical_settings import L63_X0, SETTINGS, Method, Setting, _pf  # noqa: E402,F401
 from models.worlds.physical import physical_world  # noqa: E402
 
@@ -145,12 +145,6 @@ def summarise(vals: list[float], thresh: float) -> tuple[str, int]:
     med = np.median(fin)
     txt = f"{med:.3g}" if len(a) == 1 else f"{med:.3g} [{fin.min():.3g}, {fin.max():.3g}]"
     return txt, div
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from assim.filters.dpf import make_dpf  # noqa: E402
 from assim.filters.enkf import make_filter  # noqa: E402
 from assim.obs import make_observation  # noqa: E402
 from assim.runner import run  # noqa: E402
+from experiments.atomic import write_atomic  # noqa: E402
 from models.worlds.physical import physical_world  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -162,12 +162,6 @@ def run_setting(args: argparse.Namespace, setting: str, learned: torch.nn.Module
     return rec
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _obs_field(op: str, y: np.ndarray, n: int) -> np.ndarray:
     """Observations drawn on the grid: block means repeated (coarsen), points (every)."""
     kind, k = op.split(":")
@@ -236,8 +230,8 @@ def report(tag: str, args: argparse.Namespace) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"bench_dpf_kolmogorov{tag}.png", dpi=100)
     plt.close(fig)
-    _atomic_write(RESULTS / f"bench_dpf_kolmogorov{tag}.md", "\n".join(lines) + "\n")
-    _atomic_write(
+    write_atomic(RESULTS / f"bench_dpf_kolmogorov{tag}.md", "\n".join(lines) + "\n")
+    write_atomic(
         RESULTS / f"bench_dpf_kolmogorov{tag}.json",
         json.dumps([{k: v for k, v in r.items() if k != "panel"} for r in recs]),
     )
@@ -316,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting in a.settings:
         rec = run_setting(a, setting, learned)
         rec["args"] = {k: v for k, v in vars(a).items() if k not in ("report_only",)}
-        _atomic_write(RESULTS / f"bench_dpf_kolmogorov{a.tag}_{setting}.json", json.dumps(rec))
+        write_atomic(RESULTS / f"bench_dpf_kolmogorov{a.tag}_{setting}.json", json.dumps(rec))
     report(a.tag, a)
     print(f"done in {time.perf_counter() - t0:.1f}s", flush=True)
     return 0

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ from assim.lookahead_mix import AdaptiveMixLookahead  # noqa: E402
 from assim.metrics import rank_histogram  # noqa: E402
 from assim.obs import Cubic, GaussianNoise, Identity, Observation  # noqa: E402
 from assim.smc import systematic  # noqa: E402
+from experiments.atomic import write_atomic  # noqa: E402
 from models.worlds.physical import physical_world  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
@@ -237,12 +237,6 @@ def summarise(rows: list[dict], setting: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", default="l63-std", choices=sorted(SETTINGS))
@@ -291,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     fh.write(json.dumps(rows[-1]) + "\n")
     table = summarise(rows, args.setting)
     print(table)
-    _write(RESULTS / (stem + ".md"), table + "\n")
-    _write(RESULTS / (stem + ".json"), json.dumps(rows, indent=1))
+    write_atomic(RESULTS / (stem + ".md"), table + "\n")
+    write_atomic(RESULTS / (stem + ".json"), json.dumps(rows, indent=1))
     partial.unlink()
     return 0
 

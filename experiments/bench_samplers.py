@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.atomic import write_atomic as atomic_write  # noqa: E402
 from models.device import resolve_device  # noqa: E402
 from models.diffusion import DDIM, DDPM, EDM, CosineVP, EulerMaruyama, Heun, LinearVP  # noqa: E402
 from models.diffusion.oracles import GaussianDenoiser, chain_moments  # noqa: E402
@@ -61,20 +60,6 @@ def target(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     sigma = L @ L.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
     mu = 0.5 * torch.randn(dim, generator=g, dtype=torch.float64)
     return mu, sigma
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from assim.metrics import crps_ensemble
+from experiments.atomic import write_atomic  # noqa: F401 (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("ostia_sst", "e1_north_america", "sst_anom")
@@ -130,13 +131,6 @@ def scores(members: np.ndarray, mean: np.ndarray, y: np.ndarray) -> dict:
         crps=float(fair_crps(members, y).mean()),
         cov=float(cov),
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def z_prior(prior, fit: np.ndarray, groups: torch.Tensor) -> torch.Tensor:
