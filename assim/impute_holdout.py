@@ -91,8 +91,8 @@ def fit_spread_sd(w: Tensor, err2: Tensor, var: Tensor, local_var: Tensor | None
     equation ``E err^2 = (1 - kappa) v + kappa s^2 v`` summed over the held-out entries,
     ``s^2 = (W err2 - W (var - local_var)) / W local_var`` (:func:`scale_local_share`);
     equal to the first where ``local_var = var``."""
-    if local_var is None:
-        return ((w @ err2) / (w @ var).clamp_min(1e-300)).clamp(0.25, 4.0).sqrt()
+    if local_var is None:  # the whole variance is "local": w @ (var - var) = 0 exactly
+        local_var = var
     s2 = (w @ err2 - w @ (var - local_var)) / (w @ local_var).clamp_min(1e-300)
     return s2.clamp(0.25, 4.0).sqrt()
 

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from assim.errors import InputError
 from assim.filters.base import Ensemble
-from assim.filters.dpf_local import scale_anomalies
+from assim.filters.dpf_local import check_spread_factor, deflate_analysis
 from assim.lookahead import LookaheadPF
 
 __all__ = ["AdaptiveMixLookahead"]
@@ -74,10 +74,8 @@ class AdaptiveMixLookahead:
             raise InputError(
                 f"need 0 < mix_min <= mix_max < 1, got mix_min={mix_min!r}, mix_max={mix_max!r}"
             )
-        if not (0.0 < spread_factor <= 1.0):  # also rejects NaN
-            raise InputError(f"spread_factor must lie in (0, 1], got {spread_factor!r}")
         self.pf, self.mix_min, self.mix_max = pf, float(mix_min), float(mix_max)
-        self.spread_factor = float(spread_factor)
+        self.spread_factor = check_spread_factor(spread_factor)
         self.reset()
 
     def reset(self) -> None:
@@ -117,7 +115,4 @@ class AdaptiveMixLookahead:
         self.history.append(self.mix)
         self.mix = self.next_mix(info.get("wide_prob", self.mix))  # no data: prior = posterior
         info["mix_next"] = self.mix
-        if self.spread_factor != 1.0 and not info.get("collapsed"):
-            ens = scale_anomalies(ens, self.spread_factor)
-            info["spread_factor"] = self.spread_factor
-        return ens, info
+        return deflate_analysis(ens, info, self.spread_factor), info

@@ -180,8 +180,8 @@ def make_method(name: str, n: int, args):
         filt = make_dpf(None, radius=args.radius, inner_threshold=args.inner,
                         reuse_denoised=None if reuse is None else bool(reuse),
                         hybrid=getattr(args, "hybrid", 0.0) or None,
-                        hybrid_radius=getattr(args, "hybrid_radius", None), **adapt)  # fmt: skip
-        filt.spread_factor = getattr(args, "spread_factor", 1.0)  # not a make_dpf option
+                        hybrid_radius=getattr(args, "hybrid_radius", None),
+                        spread_factor=getattr(args, "spread_factor", 1.0), **adapt)  # fmt: skip
         return filt, "diff"
     if name.startswith("pf"):
         return BootstrapPF(), "diff"

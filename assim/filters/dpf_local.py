@@ -70,7 +70,12 @@ from assim.rng import rand
 from assim.smc import ess, local_systematic, normalize, reweight
 from models.diffusion.kernel import GaussianKernel
 
-__all__ = ["LocalDiffusionParticleFilter", "scale_anomalies"]
+__all__ = [
+    "LocalDiffusionParticleFilter",
+    "check_spread_factor",
+    "deflate_analysis",
+    "scale_anomalies",
+]
 
 
 _DENSE_TAPER = 1 << 20  # a dense (m, d) taper matrix up to this many entries
@@ -162,9 +167,7 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
 
     @spread_factor.setter
     def spread_factor(self, beta: float) -> None:
-        if not 0.0 < float(beta) <= 1.0:  # also rejects NaN
-            raise InputError(f"spread_factor must lie in (0, 1], got {beta!r}")
-        self._spread_factor = float(beta)
+        self._spread_factor = check_spread_factor(beta)
 
     def __repr__(self) -> str:
         extra = f", hybrid={self.hybrid}" if self.hybrid else ""
@@ -264,10 +267,7 @@ class LocalDiffusionParticleFilter(DiffusionParticleFilter):
             ens, kinfo = self._kalman.analysis(ens, y, obs_kf, generator)
             info["log_z"] += kinfo["log_z"]  # Gaussian approximation of the Kalman part
             info["hybrid"] = self.hybrid
-        if self.spread_factor != 1.0 and not info.get("collapsed"):
-            ens = scale_anomalies(ens, self.spread_factor)
-            info["spread_factor"] = self.spread_factor
-        return ens, info
+        return deflate_analysis(ens, info, self.spread_factor), info
 
     def _split_obs(self, obs: Any) -> tuple[Any, Any]:
         """``(obs with R / (1 - gamma), obs with R / gamma)`` (cached per ``obs``)."""
@@ -298,3 +298,20 @@ def scale_anomalies(ens: Ensemble, beta: float) -> Ensemble:
     times ``beta^2``)."""
     m = ens.mean()
     return Ensemble(m + beta * (ens.x - m), ens.log_w)
+
+
+def check_spread_factor(beta: float) -> float:
+    """``beta`` as a float when it lies in ``(0, 1]`` (NaN rejected), else :class:`InputError`."""
+    if not 0.0 < float(beta) <= 1.0:
+        raise InputError(f"spread_factor must lie in (0, 1], got {beta!r}")
+    return float(beta)
+
+
+def deflate_analysis(ens: Ensemble, info: dict[str, Any], beta: float) -> Ensemble:
+    """The analysis spread factor of a filter cycle: :func:`scale_anomalies` by ``beta``
+    (recorded in ``info["spread_factor"]``), unless ``beta = 1`` or the cycle's weights
+    collapsed (``info["collapsed"]``); then ``ens`` itself."""
+    if beta == 1.0 or info.get("collapsed"):
+        return ens
+    info["spread_factor"] = beta
+    return scale_anomalies(ens, beta)
