@@ -85,9 +85,7 @@ def impute_array(
     standardised units; converges to the exact posterior of the chain) or
     ``"replacement"`` (replacement inpainting through the same chain: biased, for
     comparison). The diffusion methods form the window's dense covariance ``(TP, TP)``:
-    keep ``window * P`` to a few thousand. A prior with an AR(1) residual in time
-    (``prior.resid_rho > 0``) also solves densely: its window is capped at
-    ``6144 // P`` steps.
+    keep ``window * P`` to a few thousand.
     """
     if method not in METHODS:
         raise InputError(f"unknown imputation method {method!r}; expected one of {list(METHODS)}")
@@ -100,8 +98,6 @@ def impute_array(
     if particles is None:
         particles = max(n, 64)
     z = prior.standardize(values, groups)
-    if prior.resid_rho and method == "exact":  # dense window posterior: cap T * P
-        window = max(1, min(window, 6144 // values.shape[1]))
     out = torch.empty((n, *values.shape), dtype=torch.float64)
     mean = torch.empty(values.shape, dtype=torch.float64)
     for k0 in range(0, values.shape[0], window):

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from assim.errors import InputError
 from assim.rng import rand, randn
+from assim.smoother_ar1 import ar1_window_posterior
 from assim.twisted import DiffusionChain, TwistedResult, twisted_inpaint, twisted_smc
 
 __all__ = [
@@ -223,28 +224,6 @@ class GaussianWindowPrior:
             dev, kappa = dev * s2.sqrt(), loc / s2
         return (mean + dev, mean, kappa) if return_share else (mean + dev, mean)
 
-    def _dense_posterior(self, z: Tensor, zs: Tensor, obs: Tensor, local: bool):
-        """:meth:`_posterior` with the dense window covariance (AR(1) residual: the
-        Woodbury block structure is lost). Cost ``O((T n_O)^3)``: keep ``T P`` to a few
-        thousand (:func:`assim.impute.impute_array` shortens the window)."""
-        n = zs.shape[0] - 1
-        n_steps, p = z.shape
-        cov = self.dense_cov(n_steps)
-        io = obs.flatten().nonzero().squeeze(1)
-        chol = torch.linalg.cholesky(cov[io][:, io])
-        y = z.flatten()[io]
-        alpha = torch.cholesky_solve((y - zs.flatten(1)[:, io]).T, chol).T  # (n+1, n_O)
-        out = zs + (alpha @ cov[io]).reshape(n + 1, n_steps, p)
-        quad = alpha[n] @ y
-        stats = None
-        if local:
-            sd = torch.diagonal(self.resid_cov).sqrt()
-            w = (self.resid_cov / (sd[:, None] * sd[None, :])).clamp_min(0)
-            e2 = torch.zeros(n_steps * p, dtype=z.dtype, device=z.device)
-            e2[io] = alpha[n] ** 2 / torch.diagonal(torch.cholesky_inverse(chol))
-            stats = (e2.reshape(n_steps, p).sum(0) @ w, obs.to(z.dtype).sum(0) @ w)
-        return out[:n], out[n], quad, int(obs.sum()), stats
-
     def loo_var(self) -> Tensor:
         """Residual variance of each point given all others, ``1 / (K^{-1})_pp`` ``(P,)``
         (cached)."""
@@ -272,8 +251,8 @@ class GaussianWindowPrior:
         prior = self.sample(n, n_steps, generator)
         zs = torch.cat([prior, prior.new_zeros(1, n_steps, p)], 0)  # last: mean path
         obs = torch.isfinite(z)
-        if self.resid_rho:
-            return self._dense_posterior(z, zs, obs, local)
+        if self.resid_rho:  # block-tridiagonal precision path (exact)
+            return ar1_window_posterior(self, z, zs, obs, local)
         idx = [obs[k].nonzero().squeeze(1) for k in range(n_steps)]
         # B^{-1} d_k and B^{-1} U_{O_k}
         binv_d, binv_u = [], []
