@@ -109,9 +109,7 @@ def ar1_window_posterior(
     im = [(~obs[k]).nonzero().squeeze(1) for k in range(n_steps)]
     d = z.nan_to_num(0.0)[None] - zs  # (n+1, T, P): y - z~ (used on O only)
     # G_l = K^{-1}[:, O_l] [d_l | U_{O_l}]  (P, n+1+r)
-    g = [
-        kinv[:, io[k]] @ torch.cat([d[:, k, io[k]].T, u[io[k]]], 1) for k in range(n_steps)
-    ]
+    g = [kinv[:, io[k]] @ torch.cat([d[:, k, io[k]].T, u[io[k]]], 1) for k in range(n_steps)]
     near = [[j for j in (k - 1, k, k + 1) if 0 <= j < n_steps] for k in range(n_steps)]
 
     def mix(k: int, rows: Tensor, cols: slice) -> Tensor:  # sum_l Rinv_kl G_l[rows, cols]

@@ -104,3 +104,47 @@ def test_temporal_residual_loo_is_the_lag_corr_of_the_loo_residuals(gen) -> None
     z = pr.standardize(x, grp)
     assert pr.resid_rho == pytest.approx(loo_lag_corr(z, pr.residual.cov()), rel=1e-10)
     assert pr.resid_rho == pytest.approx(0.6, abs=0.08)
+
+
+def test_std_power_divides_by_a_partial_standard_deviation(gen) -> None:
+    """std_power p: the prior's scale is s^p mean(s)^(1-p) of the pooled anomaly sd s
+    (p = 1 the default, p = 0 one common scale); outside [0, 1] is an error."""
+    from assim.baselines import grouped_climatology
+
+    lat = torch.linspace(-10.0, 10.0, 3, dtype=torch.float64).repeat_interleave(4)
+    lon = torch.linspace(100.0, 130.0, 4, dtype=torch.float64).repeat(3)
+    amp = torch.linspace(0.5, 3.0, 12, dtype=torch.float64)
+    x = torch.randn(30, 12, generator=gen(6), dtype=torch.float64) * amp
+    grp = torch.zeros(30, dtype=torch.long)
+    kw = dict(rank=0, calibrate=False, temporal_residual=False)
+    _, s = grouped_climatology(x, grp, 1)
+    for p in (1.0, 0.5, 0.0):
+        pr = fit_field_prior(x, grp, lat, lon, 1, std_power=p, **kw)
+        assert torch.allclose(pr.clim_std, s**p * s.mean() ** (1 - p), rtol=1e-12)
+    with pytest.raises(InputError, match="std_power"):
+        fit_field_prior(x, grp, lat, lon, 1, std_power=1.5, **kw)
+
+
+def test_holdout_std_power_picks_full_standardisation_for_a_scaled_field(gen) -> None:
+    """Fields a_i f_i with f a stationary smooth field and a per-point amplitude a
+    spanning 0.2-5 (a sharp step across the grid): only full standardisation (p = 1)
+    makes them stationary, so it has the lowest held-out CRPS; the fitted prior uses it."""
+    from assim.baselines import grouped_climatology
+    from assim.impute_prior import TorusMatern
+    from assim.impute_select import select_std_power
+
+    n = 6
+    c = torch.arange(n, dtype=torch.float64) * 2.0
+    la, lo = (v.flatten() for v in torch.meshgrid(c - 5.0, 100.0 + c, indexing="ij"))
+    oi = TorusMatern(la * 0.1, lo * 0.1, 0.8, 0.02, 1.0)
+    chol = torch.linalg.cholesky(oi.cov())
+    f = torch.randn(60, n * n, generator=gen(9), dtype=torch.float64) @ chol.T
+    amp = torch.where(lo < 106.0, 0.2, 5.0)
+    x = f * amp
+    grp = torch.zeros(60, dtype=torch.long)
+    kw = dict(rank=0, temporal_residual=False)
+    p, crps = select_std_power(x, grp, la, lo, 1, generator=gen(10), **kw)
+    assert set(crps) == {1.0, 0.5, 0.0} and crps[p] == min(crps.values())
+    assert p == 1.0 and crps[0.0] > 1.2 * crps[1.0]
+    pr = fit_field_prior(x, grp, la, lo, 1, std_power="holdout", generator=gen(10), **kw)
+    assert torch.allclose(pr.clim_std, grouped_climatology(x, grp, 1)[1], rtol=1e-12)
