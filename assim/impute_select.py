@@ -24,6 +24,7 @@ def select_std_power(
     candidates: tuple[float, ...] = STD_POWERS,
     generator: torch.Generator | None = None,
     n_members: int = 32,
+    uniform_cv: float = 0.2,
     **fit_kwargs,
 ) -> tuple[float, dict[float, float]]:
     """The standardisation power ``p`` of :func:`~assim.impute_prior.fit_field_prior`
@@ -32,9 +33,17 @@ def select_std_power(
     the entries hidden at random plus a contiguous run of a sixth of the points at every
     step (the same masks for every candidate); the fair CRPS of ``n_members`` samples is
     averaged over the hidden entries in physical units (the candidates standardise
-    differently, so only physical units compare). Returns ``(p, {p: crps})``."""
+    differently, so only physical units compare). Returns ``(p, {p: crps})``.
+
+    Where the pooled anomaly sd ``s`` varies by less than ``uniform_cv`` (coefficient of
+    variation over the points) the candidates are nearly the same model: ``p = 1`` is
+    returned without refits and with empty scores (e.g. homogeneous turbulence)."""
+    from assim.baselines import grouped_climatology
     from assim.impute_prior import fit_field_prior
 
+    _, sd = grouped_climatology(values.double(), groups, n_groups)
+    if float(sd.std() / sd.mean()) < uniform_cv:
+        return 1.0, {}
     t = values.shape[0]
     n_tr = max(2, int(0.75 * t))
     if t - n_tr < 1:

@@ -148,3 +148,19 @@ def test_holdout_std_power_picks_full_standardisation_for_a_scaled_field(gen) ->
     assert p == 1.0 and crps[0.0] > 1.2 * crps[1.0]
     pr = fit_field_prior(x, grp, la, lo, 1, std_power="holdout", generator=gen(10), **kw)
     assert torch.allclose(pr.clim_std, grouped_climatology(x, grp, 1)[1], rtol=1e-12)
+
+
+def test_holdout_std_power_skips_the_refits_for_a_uniform_sd(gen) -> None:
+    """A pooled sd that varies by less than 20 % (coefficient of variation): p = 1
+    without refits (empty scores), and the prior equals the p = 1 fit."""
+    from assim.impute_select import select_std_power
+
+    lat = torch.linspace(-10.0, 10.0, 3, dtype=torch.float64).repeat_interleave(4)
+    lon = torch.linspace(100.0, 130.0, 4, dtype=torch.float64).repeat(3)
+    x = torch.randn(40, 12, generator=gen(11), dtype=torch.float64)
+    grp = torch.zeros(40, dtype=torch.long)
+    kw = dict(rank=0, calibrate=False, temporal_residual=False)
+    assert select_std_power(x, grp, lat, lon, 1, **kw) == (1.0, {})
+    a = fit_field_prior(x, grp, lat, lon, 1, std_power="holdout", **kw)
+    b = fit_field_prior(x, grp, lat, lon, 1, std_power=1.0, **kw)
+    assert torch.equal(a.clim_std, b.clim_std) and a.scale == b.scale
