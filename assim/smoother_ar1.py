@@ -58,14 +58,16 @@ class _BlockTridiagonal:
     """Block Cholesky of the symmetric block-tridiagonal ``A_MM`` (blocks ``(M_k, M_l)``,
     ``|k - l| <= 1``) and solves with it."""
 
-    def __init__(self, diag: list[Tensor], lower: list[Tensor | None]):
-        # diag[k]: (m_k, m_k); lower[k]: (m_k, m_{k-1}) block A_{k, k-1} (None for k = 0)
+    def __init__(self, n_blocks: int, diag, lower):
+        # diag(k): (m_k, m_k) block A_kk; lower(k): (m_k, m_{k-1}) block A_{k,k-1}; built
+        # one at a time (only the factors are kept)
         self.chol: list[Tensor] = []
         self.f: list[Tensor | None] = [None]
-        for k, dk in enumerate(diag):
+        for k in range(n_blocks):
+            dk = diag(k)
             if k:
                 fk = torch.linalg.solve_triangular(
-                    self.chol[k - 1], lower[k].T, upper=False
+                    self.chol[k - 1], lower(k).T, upper=False
                 ).T  # A_{k,k-1} L_{k-1}^{-T}
                 self.f.append(fk)
                 dk = dk - fk @ fk.T
@@ -123,9 +125,11 @@ def ar1_window_posterior(
         for j in near[k]:
             blk[:, j * r : (j + 1) * r] = -rinv[k, j] * g[j][im[k], n + 1 :]
         a_ma.append(blk)
-    blocks = [rinv[k, k] * kinv[im[k]][:, im[k]] for k in range(n_steps)]
-    lower = [None] + [rinv[k, k - 1] * kinv[im[k]][:, im[k - 1]] for k in range(1, n_steps)]
-    tri = _BlockTridiagonal(blocks, lower)
+    tri = _BlockTridiagonal(
+        n_steps,
+        lambda k: rinv[k, k] * kinv[im[k]][:, im[k]],
+        lambda k: rinv[k, k - 1] * kinv[im[k]][:, im[k - 1]],
+    )
     sol = tri.solve([torch.cat([h_m[k], a_ma[k]], 1) for k in range(n_steps)])
     if r:
         # A_aa = C_a^{-1} + W^T Lambda_OO W ; h_a = W^T Lambda_OO d
