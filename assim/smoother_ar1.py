@@ -154,11 +154,12 @@ def ar1_window_posterior(
         fit_o = amp[:, k] @ u[io[k]].T if r else 0.0
         e[:, k, io[k]] = d[:, k, io[k]] - fit_o
     out = zs + e + (amp @ u.T if r else 0.0)
-    # alpha = (Lambda E[e | d])_O per right-hand side; q from the mean path
-    ke = e @ kinv  # (n+1, T, P)
-    lam_e = torch.einsum("kl,slp->skp", rinv, ke)
-    alpha = [lam_e[:, k, io[k]] for k in range(n_steps)]
-    quad = sum(alpha[k][n] @ z[k, io[k]] for k in range(n_steps))
+    # alpha = (Lambda E[e | d])_O per right-hand side (the mean path only unless local);
+    # q from the mean path
+    rows = e if local else e[n:]
+    lam_e = torch.einsum("kl,slp->skp", rinv, rows @ kinv)
+    alpha = [lam_e[:, k, io[k]] for k in range(n_steps)]  # last row: the mean path
+    quad = sum(alpha[k][-1] @ z[k, io[k]] for k in range(n_steps))
     stats = None
     if local:
         sd = torch.diagonal(prior.resid_cov).sqrt()
