@@ -207,9 +207,11 @@ def prior_for(
     prior: FieldPrior | None,
     name: str,
     generator: torch.Generator | None = None,
+    **fit_kwargs,
 ) -> FieldPrior:
     """``prior`` checked against the field's grid (:func:`check_grid`), or, when it is
-    ``None``, :func:`fit_field_prior` on the field itself (missing entries ignored)."""
+    ``None``, :func:`fit_field_prior` on the field itself (missing entries ignored; extra
+    ``fit_kwargs`` such as ``std_power`` are passed on)."""
     if prior is not None:
         check_grid(prior, data.lat, data.lon, name)
         return prior
@@ -221,6 +223,7 @@ def prior_for(
         data.n_groups,
         generator=generator,
         geometry=data.geometry,
+        **fit_kwargs,
     )
 
 

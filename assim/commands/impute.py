@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "here): 'local' follows the innovations observed around each gap, 'window' one "
         "variance scale per window, 'fixed' the fitted prior as is",
     )
+    parser.add_argument(
+        "--std-power",
+        default=None,
+        help="prior fitted here: divide anomalies by s^p mean(s)^(1-p) of the per-point sd s "
+        "(1, the default: standardised; 0: physical units, better where s changes sharply "
+        "between neighbours) or 'holdout' (p in 1, 0.5, 0 by held-out CRPS; slower)",
+    )
     parser.add_argument("--save-prior", default=None, help="write the fitted prior here")
     parser.add_argument("--out", required=True, metavar="OUT.nc", help="output netCDF")
     add_seed(parser)
@@ -119,6 +126,21 @@ def read_field(path: str, var: str, mask_var: str | None):
     return da, mask
 
 
+def _std_power(text: str) -> float | str:
+    """``--std-power``: a number in [0, 1] or ``holdout``."""
+    from assim.errors import InputError
+
+    if text == "holdout":
+        return text
+    try:
+        p = float(text)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise InputError(f"--std-power must be a number in [0, 1] or 'holdout', got {text!r}")
+    return p
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -141,8 +163,13 @@ def run(args: argparse.Namespace) -> int:
         return _run_world(args, da)
     prior = load_prior(args.prior)
     gen = torch.Generator().manual_seed(args.seed)
+    fit_kw = {}
+    if args.std_power is not None:
+        if prior is not None:
+            raise InputError("--std-power applies to a prior fitted here, not to --prior CKPT")
+        fit_kw["std_power"] = _std_power(args.std_power)
     if prior is None:  # fitted here (not inside impute) so that --save-prior can keep it
-        prior = prior_for(field_data(da, mask), None, args.var, gen)
+        prior = prior_for(field_data(da, mask), None, args.var, gen, **fit_kw)
     if args.spread is not None:
         prior.spread = args.spread
     if args.save_prior:

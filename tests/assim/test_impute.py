@@ -334,3 +334,21 @@ def test_cli_twisted_method(tmp_path, gen, capsys) -> None:
     assert "twisted SMC" in ds.attrs["method"]
     assert np.array_equal(ds["sst"].values[:, obs], np.broadcast_to(v[obs], (3, obs.sum())))
     assert np.all(np.isfinite(ds["sst"].values[:, 2, 1:3, 1:4]))
+
+
+def test_cli_std_power_is_the_library_fit(tmp_path, gen, capsys) -> None:
+    """``--std-power 0`` saves the prior that :func:`prior_for` fits with std_power=0;
+    a bad value, or the flag with a checkpoint prior, is a clear error."""
+    _, _, path = _gappy_file(tmp_path, gen)
+    saved, out = tmp_path / "p0.pt", tmp_path / "out.nc"
+    base = ["impute", str(path), "--var", "sst", "--samples", "2", "--out", str(out)]
+    assert main([*base, "--std-power", "0", "--save-prior", str(saved)]) == 0
+    with xr.open_dataset(path) as ds:
+        ref = prior_for(field_data(ds["sst"].load()), None, "sst", gen(0), std_power=0.0)
+    got = torch.load(saved, weights_only=True)
+    assert torch.equal(got["clim_std"], ref.state_dict()["clim_std"])
+    assert bool((got["clim_std"] == got["clim_std"][0]).all())  # one common scale
+    assert main([*base, "--std-power", "2"]) == 2
+    assert "--std-power must be" in capsys.readouterr().err
+    assert main([*base, "--std-power", "0", "--prior", str(saved)]) == 2
+    assert "applies to a prior fitted here" in capsys.readouterr().err
