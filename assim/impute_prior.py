@@ -226,7 +226,8 @@ def fit_field_prior(
        when fewer than 2 fields are held out). The in-sample lag-1 correlation of the EOF
        residual is not used: sample EOFs absorb part of the residual of few fields, which
        biases it low (-0.56 in-sample against +0.56 held out on ``ostia_sst``). A number
-       sets ``rho_e`` itself, ``False`` keeps the residual white; ``"loo"`` takes the
+       sets ``rho_e`` itself, ``False`` keeps the residual white, ``True`` takes that
+       in-sample lag-1 correlation (clamped to [0, 0.98]); ``"loo"`` takes the
        lag-1 correlation of the residual's leave-one-out residuals
        (:func:`~assim.impute_hetero.loo_lag_corr`: the persistence of what the
        neighbours at the same step cannot explain).
