@@ -224,13 +224,19 @@ class GaussianWindowPrior:
             dev, kappa = dev * s2.sqrt(), loc / s2
         return (mean + dev, mean, kappa) if return_share else (mean + dev, mean)
 
+    def resid_precision(self) -> Tensor:
+        """``K^{-1}`` ``(P, P)`` of the residual (cached; the leave-one-out variances and
+        the AR(1) path of :mod:`assim.smoother_ar1` share it)."""
+        if "kinv" not in self._chol_cache:
+            full = torch.arange(self.n_points, device=self.resid_cov.device)
+            self._chol_cache["kinv"] = torch.cholesky_inverse(self._chol(full))
+        return self._chol_cache["kinv"]
+
     def loo_var(self) -> Tensor:
         """Residual variance of each point given all others, ``1 / (K^{-1})_pp`` ``(P,)``
         (cached)."""
         if "loo_var" not in self._chol_cache:
-            full = torch.arange(self.n_points, device=self.resid_cov.device)
-            prec = torch.cholesky_inverse(self._chol(full))
-            self._chol_cache["loo_var"] = 1.0 / torch.diagonal(prec)
+            self._chol_cache["loo_var"] = 1.0 / torch.diagonal(self.resid_precision())
         return self._chol_cache["loo_var"]
 
     def mahalanobis(self, z: Tensor) -> tuple[float, int]:

@@ -87,14 +87,6 @@ class _BlockTridiagonal:
         return x
 
 
-def _kinv(prior: GaussianWindowPrior) -> Tensor:
-    """``K^{-1}`` ``(P, P)`` of the residual (cached on the prior)."""
-    if "kinv" not in prior._chol_cache:
-        full = torch.arange(prior.n_points, device=prior.resid_cov.device)
-        prior._chol_cache["kinv"] = torch.cholesky_inverse(prior._chol(full))
-    return prior._chol_cache["kinv"]
-
-
 def ar1_window_posterior(
     prior: GaussianWindowPrior, z: Tensor, zs: Tensor, obs: Tensor, local: bool
 ) -> tuple[Tensor, Tensor, Tensor, int, tuple[Tensor, Tensor] | None]:
@@ -105,7 +97,7 @@ def ar1_window_posterior(
     n_steps, p = z.shape
     n = zs.shape[0] - 1
     r = prior.rank
-    kinv, u = _kinv(prior), prior.basis
+    kinv, u = prior.resid_precision(), prior.basis
     rinv = ar1_precision(n_steps, float(prior.resid_rho), z.dtype, z.device)
     io = [obs[k].nonzero().squeeze(1) for k in range(n_steps)]
     im = [(~obs[k]).nonzero().squeeze(1) for k in range(n_steps)]
