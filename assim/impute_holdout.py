@@ -32,6 +32,7 @@ all-neighbours-observed part.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "RHO_CANDIDATES",
     "fit_spread_sd",
     "holdout_errors",
+    "holdout_mask",
     "holdout_variance_ratio",
     "residual_share",
     "scale_local_share",
@@ -106,12 +108,10 @@ def _holdout_split(
     z: Tensor,
     n_tr: int,
     generator: torch.Generator | None,
-    resid_rho: float | None = None,
 ) -> tuple[GaussianWindowPrior, Tensor, Tensor, Tensor]:
     """The held-out imputation problem of :func:`holdout_variance_ratio`: the prior with
-    EOFs refitted on ``z[:n_tr]`` (same residual; AR(1) coefficient ``resid_rho``, the
-    prior's by default), the held-out fields ``z[n_tr:]``, the hidden entries (30 % at
-    random plus a contiguous run of a sixth of the points) and the masked fields."""
+    EOFs refitted on ``z[:n_tr]`` (same residual and AR(1) coefficient), the held-out
+    fields ``z[n_tr:]``, the hidden entries (:func:`holdout_mask`) and the masked fields."""
     r = prior.basis.shape[1]
     _, s, vh = torch.linalg.svd(z[:n_tr], full_matrices=False)
     sub = GaussianWindowPrior(
@@ -119,14 +119,21 @@ def _holdout_split(
         (s[:r] ** 2 / n_tr).clamp_min(1e-8),
         prior.rho,
         prior.window.resid_cov,
-        prior.resid_rho if resid_rho is None else float(resid_rho),
+        prior.resid_rho,
     )
     val = z[n_tr:].clone()
+    hid = holdout_mask(val, generator)
+    return sub, val, hid, val.masked_fill(hid, float("nan"))
+
+
+def holdout_mask(val: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Hidden entries of held-out fields ``val`` ``(T, P)``: 30 % at random plus a
+    contiguous run of a sixth of the points (a band of rows) at every step."""
     hid = rand(val.shape, generator, device=val.device, dtype=val.dtype) < 0.3
-    p = val.shape[1]  # plus a contiguous run of a sixth of the points (a band of rows)
+    p = val.shape[1]
     j0 = int(torch.randint(0, max(1, p - p // 6), (1,), generator=generator))
     hid[:, j0 : j0 + p // 6] = True
-    return sub, val, hid, val.masked_fill(hid, float("nan"))
+    return hid
 
 
 def holdout_variance_ratio(
@@ -192,10 +199,11 @@ def select_resid_rho(
     # the generator's seed, not its state: the choice leaves the fit's later draws as
     # they were (a prior that keeps a white residual is unchanged by the option)
     seed = 0 if generator is None else int(generator.initial_seed())
+    g = torch.Generator(device=z.device).manual_seed(seed)
+    sub, val, hid, masked = _holdout_split(prior, z, n_tr, g)
     sse = {}
-    for rho in candidates:
-        g = torch.Generator(device=z.device).manual_seed(seed)
-        sub, val, hid, masked = _holdout_split(prior, z, n_tr, g, rho)
-        _, mean = sub.posterior(masked, 0)  # the mean path only
+    for rho in candidates:  # the same split; the factors of K are shared (rho-free)
+        cand = dataclasses.replace(sub, resid_rho=float(rho), _chol_cache=sub._chol_cache)
+        _, mean = cand.posterior(masked, 0)  # the mean path only
         sse[float(rho)] = float(((mean - val)[hid] ** 2).sum())
     return min(sse, key=sse.get), sse

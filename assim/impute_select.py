@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from assim.errors import InputError
+from assim.impute_holdout import holdout_mask
 from assim.metrics import crps_ensemble
-from assim.rng import rand
 
 __all__ = ["STD_POWERS", "select_std_power"]
 
@@ -51,11 +51,7 @@ def select_std_power(
     seed = 0 if generator is None else int(generator.initial_seed())
     g = torch.Generator(device=values.device).manual_seed(seed)
     val = values[n_tr:].double()
-    hid = rand(val.shape, g, device=val.device, dtype=val.dtype) < 0.3
-    p = val.shape[1]
-    j0 = int(torch.randint(0, max(1, p - p // 6), (1,), generator=g))
-    hid[:, j0 : j0 + p // 6] = True
-    hid &= torch.isfinite(val)
+    hid = holdout_mask(val, g) & torch.isfinite(val)
     masked = val.masked_fill(hid, float("nan"))
     scores = {}
     for cand in candidates:
