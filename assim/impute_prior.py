@@ -300,15 +300,14 @@ def fit_field_prior(
     rho_e = float(((ra * rb).sum() / (ra * ra).sum().clamp_min(1e-12)).clamp(0.0, 0.98))
     if temporal_residual is None:  # auto: held-out choice (white with too few fields)
         temporal_residual = "holdout" if t - max(2, int(0.75 * t)) >= 2 else False
-    if temporal_residual == "loo":
-        rho_e, temporal_residual = -1.0, True  # set below, once the residual kernel is known
-    elif temporal_residual == "holdout":
-        rho_e, temporal_residual = -2.0, False  # chosen below by held-out imputation
+    choose = None  # "loo" / "holdout": rho_e is chosen below, once the residual is fitted
+    if temporal_residual in ("loo", "holdout"):
+        choose, temporal_residual = temporal_residual, temporal_residual == "loo"
     elif not isinstance(temporal_residual, bool):
         try:
             rho_e = float(temporal_residual)
         except (TypeError, ValueError):
-            rho_e = -3.0
+            rho_e = float("nan")
         if not 0.0 <= rho_e < 1.0:
             raise InputError(
                 "temporal_residual must be None, a bool, a number in [0, 1), 'loo' or "
@@ -321,7 +320,7 @@ def fit_field_prior(
         fracs = (1 / 6, 1 / 3, 2 / 3, 4 / 3)
         smoothers = [lambda b=f * oi.length: _smoother(oi, b) for f in fracs]
         sd, base_scale, _ = residual_sd(resid, oi.cov() / oi.scale, smoothers, int(0.75 * t))
-    if rho_e == -1.0:  # "loo": lag-1 correlation of the residual's LOO residuals
+    if choose == "loo":  # lag-1 correlation of the residual's LOO residuals
         rho_e = loo_lag_corr(resid, oi.cov() / oi.scale, sd)
     # held-out inflation of the residual variance
     n_tr = max(2, int(0.75 * t))
@@ -349,7 +348,7 @@ def fit_field_prior(
         resid_rho=rho_e if temporal_residual else 0.0,
         resid_sd=sd,
     )
-    if rho_e == -2.0 and t - n_tr >= 2:  # "holdout"
+    if choose == "holdout" and t - n_tr >= 2:
         prior.resid_rho = ho.select_resid_rho(prior, z, n_tr, generator)[0]
         prior._window = None  # built above with the white residual
     if calibrate and t - n_tr >= 1:
